@@ -575,6 +575,11 @@ def read_arrow(
     return table.to_pyarrow_table(columns=columns, filters=filters)
 
 
+def file_actions(table_uri: str) -> pa.Table:
+    """The current snapshot's data files: path, size, partition values, record counts, stats."""
+    return pa.table(open_table(table_uri).get_add_actions(flatten=True))
+
+
 def version(table_uri: str) -> int:
     return open_table(table_uri).version()
 

@@ -31,6 +31,22 @@ CATALOG_SNAPSHOT = TableContract(
     ),
 )
 
+CATALOG_SNAPSHOTS = TableContract(
+    name="catalog_snapshots",
+    doc=(
+        "Every snapshot as it arrived (the raw layer): the snapshot's rows unchanged plus their date, "
+        "one partition per day. Loading a date again replaces its partition, so reruns and "
+        "backfills are idempotent; history stays queryable for audits and reprocessing."
+    ),
+    partition_by=("snapshot_date",),
+    columns=CATALOG_SNAPSHOT.columns
+    + (
+        C("snapshot_date", "date", nullable=False, doc="Date of the snapshot the row came from."),
+        C("source_uri", "string", nullable=False, doc="Snapshot folder the row was read from."),
+        C("loaded_at", "timestamp", nullable=False, doc="When the snapshot was loaded."),
+    ),
+)
+
 PRODUCTS = TableContract(
     name="products",
     doc=(
@@ -248,6 +264,7 @@ TABLES: dict[str, TableContract] = {
     t.name: t
     for t in (
         CATALOG_SNAPSHOT,
+        CATALOG_SNAPSHOTS,
         PRODUCTS,
         QUARANTINE,
         PRODUCT_EMBEDDINGS,

@@ -1,0 +1,198 @@
+"""`moonpipe`: the command line for data engineers (and the entry point that Airflow calls).
+
+Only argparse is imported at module level so that `moonpipe --help` answers at once; each
+command imports what it needs (Spark, Delta, torch) when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+
+DEFAULT_SAMPLE_START = date(2026, 11, 1)
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date: use YYYY-MM-DD, e.g. 2026-11-01") from None
+
+
+def _print_json(payload: object) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_snapshots_build(args: argparse.Namespace) -> int:
+    from jobs.sample_catalog import build_sample_snapshots
+    from moonpipe.settings import Settings
+
+    settings = Settings.from_env()
+    infos = build_sample_snapshots(
+        out_uri=settings.snapshots_uri,
+        raw_data_dir=settings.raw_data_dir,
+        start_date=args.start,
+        days=args.days,
+        fashion_items=args.fashion_items,
+        seed=args.seed,
+    )
+    for info in infos:
+        state = "reused" if info.reused else "built"
+        print(
+            f"{info.date}  {info.rows:6,d} products  +{info.added} ~{info.changed} -{info.deleted}  "
+            f"{state}  {info.uri}"
+        )
+    return 0
+
+
+def cmd_load_snapshot(args: argparse.Namespace) -> int:
+    from jobs.load_snapshot import load_snapshot
+
+    _print_json(load_snapshot(args.date).as_dict())
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from moonpipe import delta
+    from moonpipe.settings import Settings
+    from schemas import TABLES
+
+    settings = Settings.from_env()
+    print(f"{'table':22s} {'version':>7s} {'files':>6s} {'rows':>9s}  location")
+    for name, contract in TABLES.items():
+        if not contract.is_delta_table:
+            continue
+        uri = settings.table_uri(name)
+        try:
+            actions = delta.file_actions(uri)
+        except FileNotFoundError:
+            print(f"{name:22s} {'-':>7s} {'-':>6s} {'-':>9s}  (not created yet)")
+            continue
+        rows = sum(v or 0 for v in actions.column("num_records").to_pylist())
+        print(f"{name:22s} {delta.version(uri):7d} {actions.num_rows:6d} {rows:9,d}  {uri}")
+    return 0
+
+
+def cmd_table_history(args: argparse.Namespace) -> int:
+    from moonpipe import delta
+    from moonpipe.settings import Settings
+
+    for commit in delta.history(Settings.from_env().table_uri(args.table), args.limit):
+        metrics = commit.get("operationMetrics", {})
+        print(f"v{commit.get('version')}  {commit.get('operation'):24s} {json.dumps(metrics)[:140]}")
+    return 0
+
+
+def cmd_table_compact(args: argparse.Namespace) -> int:
+    from moonpipe import delta
+    from moonpipe.settings import Settings
+
+    _print_json(delta.compact(Settings.from_env().table_uri(args.table)))
+    return 0
+
+
+def cmd_table_vacuum(args: argparse.Namespace) -> int:
+    from moonpipe import delta
+    from moonpipe.settings import Settings
+
+    removed = delta.vacuum(
+        Settings.from_env().table_uri(args.table), retention_hours=args.retention_hours, dry_run=args.dry_run
+    )
+    print(f"{'would remove' if args.dry_run else 'removed'} {len(removed)} file(s)")
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from schemas import TABLES, tables_markdown
+
+    if args.markdown:
+        sys.stdout.write(tables_markdown())
+        return 0
+    for name, contract in TABLES.items():
+        key = f" key=({', '.join(contract.key)})" if contract.key else ""
+        parts = f" partitioned by ({', '.join(contract.partition_by)})" if contract.partition_by else ""
+        print(f"{name}: {len(contract.columns)} columns{key}{parts}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    run_demo(days=args.days, fashion_items=args.fashion_items)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moonpipe",
+        description="Offline product-understanding pipeline: catalog snapshots -> Delta tables (more commands "
+        "arrive with the embedding, index, creative-scoring and training jobs).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo = add("demo", cmd_demo, "Run the main job on the embedded default (local Spark, local Delta, sample data).")
+    demo.add_argument("--days", type=int, default=3, help="sample snapshot days (default 3)")
+    demo.add_argument("--fashion-items", type=int, default=300, help="Fashion-MNIST products per snapshot")
+
+    snapshots = add("snapshots", lambda a: a.snapshots_parser.print_help() or 2, "Sample catalog snapshots.")
+    snapshots.set_defaults(snapshots_parser=snapshots)
+    snapshot_commands = snapshots.add_subparsers(dest="snapshots_command", metavar="ACTION")
+    build = snapshot_commands.add_parser(
+        "build", help="Build dated snapshots with churn from the real sample data (Vendure + Fashion-MNIST)."
+    )
+    build.set_defaults(handler=cmd_snapshots_build)
+    build.add_argument("--start", type=_date, default=DEFAULT_SAMPLE_START, help="first date (YYYY-MM-DD)")
+    build.add_argument("--days", type=int, default=3, help="number of consecutive days")
+    build.add_argument("--fashion-items", type=int, default=300, help="Fashion-MNIST products on day 1")
+    build.add_argument("--seed", type=int, default=7, help="churn seed (same seed, same snapshots)")
+
+    load = add("load-snapshot", cmd_load_snapshot, "Load one day's snapshot into the catalog_snapshots table.")
+    load.add_argument("--date", type=_date, required=True, help="snapshot date (YYYY-MM-DD)")
+
+    add("tables", cmd_tables, "List the lake's Delta tables with version, files and rows.")
+    table = add("table", lambda a: a.table_parser.print_help() or 2, "Maintain one Delta table.")
+    table.set_defaults(table_parser=table)
+    table_commands = table.add_subparsers(dest="table_command", metavar="ACTION")
+    history = table_commands.add_parser("history", help="Commits, newest first.")
+    history.add_argument("table")
+    history.add_argument("--limit", type=int, default=20)
+    history.set_defaults(handler=cmd_table_history)
+    compact = table_commands.add_parser("compact", help="Rewrite small files into larger ones.")
+    compact.add_argument("table")
+    compact.set_defaults(handler=cmd_table_compact)
+    vacuum = table_commands.add_parser("vacuum", help="Delete files unreferenced for longer than the retention.")
+    vacuum.add_argument("table")
+    vacuum.add_argument("--retention-hours", type=int, default=168, help="keep time travel this far back (168)")
+    vacuum.add_argument("--dry-run", action="store_true", help="list, do not delete")
+    vacuum.set_defaults(handler=cmd_table_vacuum)
+
+    schemas = add("schemas", cmd_schemas, "Show every table's contract.")
+    schemas.add_argument("--markdown", action="store_true", help="print docs/tables.md")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from moonpipe.progress import configure_logging
+
+    configure_logging(10 if args.verbose else 20)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,7 +53,10 @@ def run_demo(days: int = 3, fashion_items: int = 300, settings: Settings | None 
         print(f"  {category['products']:5d}  {category['category_path']}")
     print("\nlast commits:")
     for commit in delta.history(table_uri, limit=days):
-        params = commit.get("operationParameters", {})
-        print(f"  v{commit['version']}  {commit['operation']:8s} {params.get('predicate', '')}")
+        mode = commit.get("operationParameters", {}).get("mode", "")
+        print(
+            f"  v{commit['version']}  {commit['operation']} {mode:9s} {commit.get('moonpipe.rows', '?'):>5} rows"
+            f"  replaced {commit.get('moonpipe.replace_where', 'nothing')}  by {commit.get('moonpipe.job', '?')}"
+        )
     print(f"\nsnapshots: {settings.snapshots_uri}\nlake:      {settings.lake_uri}")
     return {"snapshots": [i.__dict__ for i in infos], "loads": [l.as_dict() for l in loads], "overview": summary.__dict__}

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from moonpipe import delta
+from moonpipe import delta, storage
 from moonpipe.progress import stage
 from moonpipe.settings import Settings
 from schemas.contract import ContractViolation
@@ -39,19 +39,20 @@ class LoadSummary:
         return asdict(self)
 
 
+def snapshot_files(snapshot_uri: str) -> list[str]:
+    """The snapshot's Parquet files; a clear error when there are none."""
+    files = storage.list_files(snapshot_uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(
+            f"no catalog snapshot at {snapshot_uri}: expected Parquet files there "
+            f"(build the samples with `moonpipe snapshots build`, or check the date)"
+        )
+    return files
+
+
 def read_snapshot(spark: "SparkSession", snapshot_uri: str) -> "DataFrame":
     """The snapshot's rows; a clear error if the folder is missing or breaks the input contract."""
-    from pyspark.errors import AnalysisException
-
-    try:
-        frame = spark.read.parquet(f"{snapshot_uri}/*.parquet")
-    except AnalysisException as error:
-        if "PATH_NOT_FOUND" in str(error) or "does not exist" in str(error):
-            raise FileNotFoundError(
-                f"no catalog snapshot at {snapshot_uri}: expected Parquet files there "
-                f"(build the samples with `moonpipe snapshots build`, or check the date)"
-            ) from None
-        raise
+    frame = spark.read.parquet(*snapshot_files(snapshot_uri))
     try:
         CATALOG_SNAPSHOT.check_spark_schema(frame.schema)
     except ContractViolation as error:

@@ -29,12 +29,12 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Field
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, Transaction
 
+from moonpipe import storage
 from schemas.contract import ContractViolation, TableContract
 
 if TYPE_CHECKING:
@@ -122,12 +122,6 @@ def _add_new_columns(table: DeltaTable, data_schema: pa.Schema) -> None:
 
 
 # -- writing files (runs on executors) ----------------------------------------------------------
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    return pafs.FileSystem.from_uri(uri)
 
 
 def _partition_string(value: Any) -> str | None:
@@ -219,7 +213,7 @@ def write_files(
     columns are not stored in the files (the Delta convention). Every batch is checked against
     the contract before it is written.
     """
-    filesystem, root = _filesystem(table_uri)
+    filesystem, root = storage.resolve(table_uri)
     open_files: dict[tuple, tuple[pq.ParquetWriter, str, dict, _FileStats]] = {}
     task_id = uuid.uuid4().hex[:16]
     for batch in batches:
@@ -292,6 +286,7 @@ def _commit(
         for r in records
     ]
     partition_filters = None
+    metadata = {**(metadata or {}), "moonpipe.rows": sum(r["num_records"] for r in records)}
     if replace_where:
         unknown = set(replace_where) - set(contract.partition_by)
         if unknown:
@@ -300,6 +295,7 @@ def _commit(
                 f"{list(contract.partition_by)}, got {sorted(unknown)}"
             )
         partition_filters = [(col, "=", _partition_string(v)) for col, v in replace_where.items()]
+        metadata["moonpipe.replace_where"] = {col: value for col, _, value in partition_filters}
         for r in records:  # a row outside the replaced partitions would survive the overwrite
             values = json.loads(r["partition_values"])
             for col, _, want in partition_filters:
@@ -309,7 +305,7 @@ def _commit(
                         f"rows with {col}={values.get(col)!r}. Filter the data to the replaced partition."
                     )
     properties = CommitProperties(
-        custom_metadata={"moonpipe.contract": contract.name, **(metadata or {})},
+        custom_metadata={"moonpipe.contract": contract.name, **metadata},
         app_transactions=[Transaction(app_id=idempotency_key[0], version=idempotency_key[1])]
         if idempotency_key
         else None,
@@ -464,7 +460,7 @@ def merge(
     if not contract.key:
         raise ValueError(f"table {contract.name!r} has no key in its contract: MERGE needs one")
     table = ensure_table(table_uri, contract)
-    filesystem, root = _filesystem(table_uri)
+    filesystem, root = storage.resolve(table_uri)
     staging = None
     if isinstance(source, pa.Table):
         data = contract.conform(source)

@@ -108,6 +108,21 @@ def cmd_table_vacuum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    from moonpipe import delta
+    from moonpipe.settings import Settings
+    from moonpipe.spark_session import get_spark
+    from schemas import TABLES
+
+    settings = Settings.from_env()
+    spark = get_spark()
+    lake = {name: settings.table_uri(name) for name, contract in TABLES.items() if contract.is_delta_table}
+    registered = delta.register_views(spark, lake)
+    print(f"tables: {', '.join(registered) or '(none yet)'}", file=sys.stderr)
+    spark.sql(args.query).show(args.limit, truncate=args.truncate)
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from schemas import TABLES, tables_markdown
 
@@ -180,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     vacuum.add_argument("--retention-hours", type=int, default=168, help="keep time travel this far back (168)")
     vacuum.add_argument("--dry-run", action="store_true", help="list, do not delete")
     vacuum.set_defaults(handler=cmd_table_vacuum)
+
+    sql = add("sql", cmd_sql, "Run a Spark SQL query over the lake's tables (each table is a view by its name).")
+    sql.add_argument("query", help="e.g. \"SELECT snapshot_date, count(*) FROM catalog_snapshots GROUP BY 1\"")
+    sql.add_argument("--limit", type=int, default=20, help="rows to show (20)")
+    sql.add_argument("--truncate", type=int, default=40, help="truncate cells to this many characters (40)")
 
     schemas = add("schemas", cmd_schemas, "Show every table's contract.")
     schemas.add_argument("--markdown", action="store_true", help="print docs/tables.md")

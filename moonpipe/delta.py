@@ -366,7 +366,7 @@ def _write_spark_files(df: "DataFrame", table_uri: str, contract: TableContract,
 
 
 def write(
-    df: "DataFrame",
+    data: "DataFrame | pa.Table",
     table_uri: str,
     contract: TableContract,
     *,
@@ -375,42 +375,26 @@ def write(
     idempotency_key: tuple[str, int] | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> WriteResult:
-    """Write a Spark DataFrame to a Delta table in ONE commit.
+    """Write a Spark DataFrame (or an Arrow table already on the driver) in ONE commit.
 
-    Executors write the Parquet files; the driver commits them. ``mode="overwrite"`` with
-    ``replace_where={"snapshot_date": d}`` replaces just those partitions (the rerun-safe way to
-    write a day); without it, the whole table. ``idempotency_key=(app_id, n)`` records the write
+    With Spark, executors write the Parquet files and the driver commits them. ``mode="overwrite"``
+    with ``replace_where={"snapshot_date": d}`` replaces just those partitions (the rerun-safe way
+    to write a day); without it, the whole table. ``idempotency_key=(app_id, n)`` records the write
     in the Delta log and makes a repeated write with the same key a no-op.
     """
     _check_mode(mode, replace_where)
     table = ensure_table(table_uri, contract)
     if _already_committed(table, idempotency_key):
         return WriteResult(table_uri, table.version(), mode, 0, 0, skipped=True)
-    _add_new_columns(table, _spark_arrow_schema(df))
-    records = _write_spark_files(df, table_uri, contract, subdir="")
-    version = _commit(table, records, contract, mode, replace_where, idempotency_key, metadata)
-    return WriteResult(table_uri, version, mode, len(records), sum(r["num_records"] for r in records))
-
-
-def write_arrow(
-    data: pa.Table,
-    table_uri: str,
-    contract: TableContract,
-    *,
-    mode: str = "append",
-    replace_where: Mapping[str, Any] | None = None,
-    idempotency_key: tuple[str, int] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-) -> WriteResult:
-    """``write`` for data already on the driver (small tables: registries, run records)."""
-    _check_mode(mode, replace_where)
-    table = ensure_table(table_uri, contract)
-    if _already_committed(table, idempotency_key):
-        return WriteResult(table_uri, table.version(), mode, 0, 0, skipped=True)
-    _add_new_columns(table, data.schema)
-    records = [
-        r for batch in write_files(iter(data.to_batches()), table_uri, contract, contract.partition_by) for r in batch.to_pylist()
-    ]
+    if isinstance(data, pa.Table):
+        _add_new_columns(table, data.schema)
+        batches = write_files(iter(data.to_batches()), table_uri, contract, contract.partition_by)
+        records = [record for batch in batches for record in batch.to_pylist()]
+    else:
+        _add_new_columns(table, _spark_arrow_schema(data))
+        records = _write_spark_files(data, table_uri, contract, subdir="")
+    if not records and mode == "append" and idempotency_key is None:
+        return WriteResult(table_uri, table.version(), mode, 0, 0)  # nothing to add: no empty commit
     version = _commit(table, records, contract, mode, replace_where, idempotency_key, metadata)
     return WriteResult(table_uri, version, mode, len(records), sum(r["num_records"] for r in records))
 
@@ -556,6 +540,17 @@ def read(
         return spark.createDataFrame([], schema)
     frame = spark.read.schema(schema).option("basePath", table_uri).parquet(*files)
     return frame.select(*arrow_schema.names)
+
+
+def register_views(spark: "SparkSession", tables: Mapping[str, str]) -> list[str]:
+    """Make each existing table queryable by name in Spark SQL (temporary views of the current
+    snapshots); returns the names registered. Missing tables are skipped."""
+    registered = []
+    for name, uri in tables.items():
+        if DeltaTable.is_deltatable(uri):
+            read(spark, uri).createOrReplaceTempView(name)
+            registered.append(name)
+    return registered
 
 
 def read_arrow(

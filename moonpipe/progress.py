@@ -1,4 +1,4 @@
-"""Feedback on long work: per-stage timings and row counts in the log, and a progress bar for loops.
+"""Feedback on long work: per-stage timings and row counts in the log.
 
     with stage("load snapshot", log) as s:
         ...
@@ -10,12 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-T = TypeVar("T")
 
 _LOG = logging.getLogger("moonpipe")
 
@@ -55,9 +52,3 @@ def stage(name: str, log: logging.Logger = _LOG) -> Iterator[Stage]:
     rows = f"{record.rows:,} rows in " if record.rows is not None else ""
     log.info("%s: %s%.1f s", name, rows, record.seconds)
 
-
-def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """A progress bar on stderr for interactive runs; a plain iteration in logs and tests."""
-    from tqdm.auto import tqdm
-
-    yield from tqdm(items, desc=description, total=total, disable=not sys.stderr.isatty(), leave=False)

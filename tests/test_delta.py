@@ -101,7 +101,7 @@ def test_merge_can_flag_rows_missing_from_the_source(spark, table_uri):
         key=("item_id",),
         columns=(C("item_id", "string", nullable=False), C("deleted", "bool", nullable=False)),
     )
-    delta.write_arrow(pa.table({"item_id": ["a", "b", "c"], "deleted": [False] * 3}), table_uri, flagged)
+    delta.write(pa.table({"item_id": ["a", "b", "c"], "deleted": [False] * 3}), table_uri, flagged)
     result = delta.merge(
         pa.table({"item_id": ["a", "d"], "deleted": [False, False]}),
         table_uri,
@@ -234,7 +234,7 @@ def _append_many(uri: str, writer: int, commits: int) -> None:
         if n % 2:
             delta.merge(data, uri, EVENTS)  # upserts race the other writer's appends
         else:
-            delta.write_arrow(data, uri, EVENTS)
+            delta.write(data, uri, EVENTS)
 
 
 def test_concurrent_writers_lose_no_rows(table_uri):

@@ -79,3 +79,16 @@ def test_a_snapshot_breaking_the_input_contract_is_refused(spark, settings, load
 def test_a_missing_snapshot_names_the_fix(spark, settings):
     with pytest.raises(FileNotFoundError, match=r"no catalog snapshot at .*dt=2027-01-01.*moonpipe snapshots build"):
         load_snapshot(date(2027, 1, 1), settings, spark)
+
+
+def test_tables_are_queryable_with_spark_sql(spark, settings, loaded):
+    from moonpipe import delta
+
+    registered = delta.register_views(
+        spark, {"catalog_snapshots": settings.table_uri("catalog_snapshots"), "products": settings.table_uri("products")}
+    )
+    assert registered == ["catalog_snapshots"]  # products does not exist yet: skipped
+    counts = spark.sql(
+        "SELECT snapshot_date, count(*) AS n FROM catalog_snapshots GROUP BY snapshot_date ORDER BY snapshot_date"
+    ).collect()
+    assert [r.n for r in counts] == [l.rows for l in loaded[1]]

@@ -1,0 +1,152 @@
+"""From a product to model inputs: one prompt builder with budgets on text and image size.
+
+A product that cannot be turned into inputs (undecodable image, no text at all) raises
+``ProductRejected`` with a reason code; the batch predictor records it as that row's error.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.backbone import THINK_START
+from model.moon3_config import PromptBudget
+
+SYSTEM_PROMPT = (
+    "You represent e-commerce products for search. First list the product's key attributes "
+    "(category, color, material, style, ...) as 'key: value; ...', then give its embedding."
+)
+
+
+class ProductRejected(ValueError):
+    """A product the model cannot process; ``code`` is machine-readable (quarantine reason_code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ProductInput:
+    """What MOON3.0 reads of a product."""
+
+    title: str | None
+    image_bytes: bytes | None
+    category_path: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    description: str | None = None
+    extra_images: Sequence[bytes] = ()
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "ProductInput":
+        """From a products-table row (attributes as a dict or Arrow's list of pairs)."""
+        attributes = row.get("attributes") or {}
+        if not isinstance(attributes, Mapping):
+            attributes = dict(attributes)
+        return cls(
+            title=row.get("title"),
+            image_bytes=row.get("image_bytes"),
+            category_path=row.get("category_path"),
+            attributes=attributes,
+            description=row.get("description"),
+            extra_images=tuple(row.get("extra_images") or ()),
+        )
+
+
+@dataclass
+class Encoded:
+    """One product's prompt tokens (image placeholders expanded) and its images' pixels."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+def _decode_image(data: bytes | None, what: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ProductRejected("image_missing", f"{what} is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode fully: a truncated file fails here, not inside the batch
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ProductRejected("image_undecodable", f"{what} cannot be decoded ({len(data)} bytes): {error}") from None
+    return image.convert("RGB")
+
+
+class Moon3Processor:
+    """Builds prompts and tensors for Moon3Model; shared by inference, training and evaluation."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, budget: PromptBudget) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.budget = budget
+
+    def product_text(self, product: ProductInput) -> str:
+        """Title, category and attributes first; the description fills what the budget leaves."""
+        title = (product.title or "").strip()
+        description = (product.description or "").strip()
+        if not title and not description:
+            raise ProductRejected("empty_text", "product has neither a title nor a description")
+        lines = [f"Title: {title}"] if title else []
+        if product.category_path:
+            lines.append(f"Category: {product.category_path.strip()}")
+        if product.attributes:
+            lines.append("Attributes: " + "; ".join(f"{k}: {v}" for k, v in sorted(product.attributes.items())))
+        head = "\n".join(lines)
+        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"][: self.budget.max_text_tokens]
+        room = self.budget.max_text_tokens - len(head_ids) - 4
+        if description and room > 0:
+            desc_ids = self.tokenizer("\nDescription: " + description, add_special_tokens=False)["input_ids"][:room]
+            return self.tokenizer.decode(head_ids + desc_ids)
+        return self.tokenizer.decode(head_ids)
+
+    def encode(self, product: ProductInput) -> Encoded:
+        """Tokens and pixels of one product; raises ProductRejected for what cannot be processed."""
+        images = [_decode_image(product.image_bytes, "main image")]
+        for index, data in enumerate(product.extra_images[: self.budget.max_extra_images]):
+            images.append(_decode_image(data, f"extra image {index + 1}"))
+        text = self.product_text(product)
+        pixels = self.image_processor(
+            images=images,
+            min_pixels=self.budget.min_image_pixels,
+            max_pixels=self.budget.max_image_pixels,
+            return_tensors="pt",
+        )
+        grid = pixels["image_grid_thw"]
+        merge = self.image_processor.merge_size**2
+        vision = "".join(
+            "<|vision_start|>" + "<|image_pad|>" * int(thw.prod() // merge) + "<|vision_end|>" for thw in grid
+        )
+        prompt = (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+            f"<|im_start|>user\n{vision}{text}<|im_end|>\n"
+            f"<|im_start|>assistant\n{THINK_START}"
+        )
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return Encoded(ids, pixels["pixel_values"], grid)
+
+    def collate(self, items: Sequence[Encoded], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Left-pad a batch (the embedding token then sits last in every row) and stack pixels."""
+        pad = self.tokenizer.pad_token_id
+        length = max(item.length for item in items)
+        input_ids = torch.full((len(items), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, length - item.length :] = torch.tensor(item.input_ids)
+            attention_mask[row, length - item.length :] = 1
+        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        with_images = [item for item in items if item.pixel_values is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([i.pixel_values for i in with_images]).to(device)
+            batch["image_grid_thw"] = torch.cat([i.image_grid_thw for i in with_images]).to(device)
+        return batch

@@ -104,6 +104,12 @@ class Moon3Output:
     modality_gates: torch.Tensor | None  # [B, heads] vision share per MHMF head
 
 
+def _seeded(seed: int, build: Any, *args: Any) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(*args)
+
+
 def layer_indexes(depths: tuple[float, ...], count: int) -> list[int]:
     """Fractions of a stack of ``count`` layers -> distinct layer indexes (0 first, 1 last)."""
     return sorted({min(count - 1, max(0, round(d * (count - 1)))) for d in depths})
@@ -125,12 +131,16 @@ class Moon3Model(nn.Module):
         self.embed_token_id = tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
         self.think_end_id = tokenizer.convert_tokens_to_ids(THINK_END)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids) | {self.image_token_id}))
-        self.mhmf = ModalityFusion(hidden, config.mhmf_heads) if config.use_mhmf else None
+        # Each added module draws its initial weights from its own seeded stream, so switching one
+        # off (an ablation) leaves the others' weights identical.
+        self.mhmf = _seeded(config.seed + 1, ModalityFusion, hidden, config.mhmf_heads) if config.use_mhmf else None
         self.fire = None
         if config.use_fire:
             self.fire_vision_layers = layer_indexes(config.fire_vision_depths, vision_config.depth)
             self.fire_llm_layers = layer_indexes(config.fire_llm_depths, text_config.num_hidden_layers)
-            self.fire = ResidualEnhancement(
+            self.fire = _seeded(
+                config.seed + 2,
+                ResidualEnhancement,
                 vision_config.embed_dim,
                 vision_config.spatial_merge_size,
                 hidden,
@@ -140,7 +150,9 @@ class Moon3Model(nn.Module):
             layers = backbone.model.language_model.layers
             for depth, layer_index in enumerate(self.fire_llm_layers):
                 layers[layer_index].register_forward_hook(self._fire_hook(depth))
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.embedding_dim))
+        self.head = _seeded(
+            config.seed + 3, lambda: nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.embedding_dim))
+        )
         self._injection: tuple[torch.Tensor, torch.Tensor] | None = None  # (image mask, local features)
 
     # -- FIRE injection ---------------------------------------------------------------------------
@@ -191,10 +203,7 @@ class Moon3Model(nn.Module):
 
     def _llm_states(self, input_ids, attention_mask, vision, features) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [B, S, H] and the raw input states (vision scattered in) [B, S, H]."""
-        raw = self.backbone.get_input_embeddings()(input_ids)
-        if vision is not None:
-            image_embeds = torch.cat(vision.pooler_output, dim=0).to(raw.dtype)
-            raw = raw.masked_scatter((input_ids == self.image_token_id)[..., None], image_embeds)
+        raw = self._raw_states(input_ids, vision)
         with self._injecting(input_ids, features):
             out = self.backbone.model(
                 input_ids=input_ids,
@@ -227,12 +236,10 @@ class Moon3Model(nn.Module):
         pooled = states[:, -1]  # left padding: the embedding token is last in every row
         gates = None
         if self.mhmf is not None:
-            prompt_len = input_ids.shape[1]
-            prompt_ids, prompt_raw = full_ids[:, :prompt_len], raw[:, :prompt_len]
-            if reasoning:  # the prompt sits at the end of the left padding, before the reasoning
-                prompt_ids, prompt_raw = input_ids, self._raw_prompt(input_ids, vision)
-            vision_mask = prompt_ids == self.image_token_id
-            text_mask = attention_mask.bool() & ~torch.isin(prompt_ids, self.special_ids.to(prompt_ids.device))
+            # MHMF reads the raw prompt (not the reasoning): it is what the product shows and says.
+            prompt_raw = self._raw_states(input_ids, vision) if reasoning else raw[:, : input_ids.shape[1]]
+            vision_mask = input_ids == self.image_token_id
+            text_mask = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
             fused, gates = self.mhmf(prompt_raw, vision_mask, text_mask)
             pooled = pooled + fused.to(pooled.dtype)
         embeddings = F.normalize(self.head(pooled).float(), dim=-1)
@@ -240,7 +247,8 @@ class Moon3Model(nn.Module):
             embeddings = truncate(embeddings, dim)
         return Moon3Output(embeddings, texts, gates)
 
-    def _raw_prompt(self, input_ids: torch.Tensor, vision: Any) -> torch.Tensor:
+    def _raw_states(self, input_ids: torch.Tensor, vision: Any) -> torch.Tensor:
+        """What the LLM receives before its first layer: token embeddings with the vision features in."""
         raw = self.backbone.get_input_embeddings()(input_ids)
         if vision is not None:
             image_embeds = torch.cat(vision.pooler_output, dim=0).to(raw.dtype)
@@ -276,13 +284,12 @@ class Moon3Model(nn.Module):
             prompt = input_ids[b][attention_mask[b].bool()].tolist()
             rows.append(prompt + reasoning + [self.think_end_id, self.embed_token_id])
             texts.append(self.tokenizer.decode(reasoning, skip_special_tokens=True).strip())
-        length = max(len(r) for r in rows)
+        length = max(len(r) for r in rows)  # left-pad again: the embedding token ends every row
         ids = torch.full((len(rows), length), pad_id, dtype=input_ids.dtype, device=input_ids.device)
         mask = torch.zeros_like(ids)
         for b, row in enumerate(rows):
             ids[b, length - len(row) :] = torch.tensor(row, device=ids.device)
             mask[b, length - len(row) :] = 1
-        # MHMF reads the prompt part: keep it at the same place as in input_ids by re-padding there.
         return ids, mask, texts
 
 

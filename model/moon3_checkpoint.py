@@ -37,17 +37,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
 
 
-def build_model(config: Moon3Config, dtype: torch.dtype | None = None) -> Moon3Model:
-    """A new model: the backbone from its preset or local directory, fresh MHMF/FIRE/head weights."""
+def build_model(config: Moon3Config, dtype: torch.dtype | None = None, device: str | None = None) -> Moon3Model:
+    """A new model: the backbone from its preset or local directory, fresh MHMF/FIRE/head weights.
+    ``device`` initialises a preset's random weights there directly (fast for GPU-sized presets)."""
     if config.backbone in PRESETS:
-        backbone, tokenizer, image_processor = build_preset(config.backbone, seed=config.seed)
+        with torch.device(device or "cpu"):
+            backbone, tokenizer, image_processor = build_preset(config.backbone, seed=config.seed)
     else:
         backbone, tokenizer, image_processor = load_local(config.backbone, dtype=dtype)
     add_pipeline_tokens(backbone, tokenizer)
-    # Each added module draws from its own seeded stream, so switching one off leaves the others' weights alike.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = Moon3Model(config, backbone, tokenizer, image_processor)
+    model = Moon3Model(config, backbone, tokenizer, image_processor)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,12 @@ def make_predict_fn(
     max_batch: int = 256,
     dim: int | None = None,
     threads: int | None = None,
+    preprocess_workers: int = 1,
 ) -> Callable[[Sequence[ProductInput]], Predictions]:
     """Build the model here (a checkpoint directory, or a config for a fresh model) and return the
-    predict function. bf16 on a GPU and float32 on the CPU unless ``dtype`` says otherwise."""
+    predict function. bf16 on a GPU and float32 on the CPU unless ``dtype`` says otherwise.
+    ``preprocess_workers`` > 1 decodes and resizes images in threads (PIL releases the GIL), which
+    keeps a GPU fed when the task has several cores."""
     import torch
 
     from model.moon3 import parse_attributes
@@ -104,7 +108,7 @@ def make_predict_fn(
     ]
     started = time.perf_counter()
     if isinstance(model, Moon3Config):
-        net = build_model(model, dtype=torch_dtype)
+        net = build_model(model, dtype=torch_dtype, device=device)
         version = f"untrained-{model.backbone}-seed{model.seed}"
     else:
         net = load_checkpoint(model, dtype=torch_dtype)
@@ -120,6 +124,14 @@ def make_predict_fn(
         time.perf_counter() - started, os.getpid(),
     )
 
+    pool = ThreadPoolExecutor(preprocess_workers) if preprocess_workers > 1 else None
+
+    def encode(product: ProductInput) -> Encoded | ProductRejected:
+        try:
+            return processor.encode(product)
+        except ProductRejected as rejected:
+            return rejected
+
     def run(items: list[Encoded]) -> tuple[np.ndarray, list[str | None]]:
         batch = processor.collate(items, device)
         output = net(**batch, reasoning=use_reasoning, dim=dim)
@@ -133,11 +145,11 @@ def make_predict_fn(
         errors: list[str | None] = [None] * count
         clock = time.perf_counter()
         encoded: dict[int, Encoded] = {}
-        for index, product in enumerate(products):
-            try:
-                encoded[index] = processor.encode(product)
-            except ProductRejected as rejected:
-                codes[index], errors[index] = rejected.code, str(rejected)
+        for index, result in enumerate(pool.map(encode, products) if pool else map(encode, products)):
+            if isinstance(result, ProductRejected):
+                codes[index], errors[index] = result.code, str(result)
+            else:
+                encoded[index] = result
         preprocess = time.perf_counter() - clock
         clock = time.perf_counter()
         rows = sorted(encoded)

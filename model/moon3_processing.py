@@ -118,8 +118,7 @@ class Moon3Processor:
         text = self.product_text(product)
         pixels = self.image_processor(
             images=images,
-            min_pixels=self.budget.min_image_pixels,
-            max_pixels=self.budget.max_image_pixels,
+            size={"shortest_edge": self.budget.min_image_pixels, "longest_edge": self.budget.max_image_pixels},
             return_tensors="pt",
         )
         grid = pixels["image_grid_thw"]

@@ -1,0 +1,218 @@
+"""MOON3.0 on the tiny preset: shapes, switchable components, gradients, reasoning, checkpoints,
+the batch predictor's per-row errors and batching. Inputs are real sample products and photos."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.moon3 import parse_attributes, truncate
+from model.moon3_checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from model.moon3_config import Moon3Config, PromptBudget
+from model.moon3_predictor import make_predict_fn, plan_batches
+from model.moon3_processing import Moon3Processor, ProductInput, ProductRejected
+from moonpipe.settings import Settings
+
+RAW = Path(Settings.from_env().raw_data_dir)
+
+
+def _photo(name: str, size: int = 160) -> bytes:
+    """A real Vendure photo, downscaled so the tests stay fast."""
+    image = Image.open(RAW / "vendure" / "images" / name).convert("RGB")
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def products() -> list[ProductInput]:
+    photos = sorted(p.name for p in (RAW / "vendure" / "images").glob("*.jpg"))[:4]
+    return [
+        ProductInput("Laptop", _photo(photos[0]), "Electronics > Computers", {"brand": "Apple", "RAM": "8GB"},
+                     "Now equipped with seventh-generation Intel Core processors."),
+        ProductInput("Wooden Side Desk", _photo(photos[1]), "Home & Garden > Furniture", {"color": "wood"}, None),
+        ProductInput("Hi-Top Basketball Shoe", _photo(photos[2]), "Sports & Outdoor > Footwear", {"color": "white"},
+                     "Classic high-top silhouette."),
+        ProductInput("Hanging Plant", _photo(photos[3]), "Home & Garden > Plants", {}, "Perfect for the balcony."),
+    ]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(Moon3Config())
+
+
+def _embed(model, products, **kwargs):
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    batch = processor.collate([processor.encode(p) for p in products])
+    with torch.inference_mode():
+        return model(**batch, **kwargs)
+
+
+def test_embeddings_are_normalised_and_truncatable(model, products):
+    out = _embed(model, products)
+    assert out.embeddings.shape == (4, 128)
+    assert torch.allclose(out.embeddings.norm(dim=-1), torch.ones(4), atol=1e-5)
+    short = _embed(model, products, dim=32).embeddings
+    assert short.shape == (4, 32)
+    assert torch.allclose(short, truncate(out.embeddings, 32), atol=1e-6)
+    assert torch.allclose(short.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert len({tuple(row.round(decimals=4).tolist()) for row in out.embeddings}) == 4  # products differ
+
+
+def test_fire_gates_start_closed_and_change_the_output_once_open(products):
+    with_fire = build_model(Moon3Config(use_fire=True))
+    without = build_model(Moon3Config(use_fire=False))
+    assert torch.equal(with_fire.fire.gates, torch.zeros_like(with_fire.fire.gates))
+    closed = _embed(with_fire, products).embeddings
+    assert torch.allclose(closed, _embed(without, products).embeddings, atol=1e-6)  # neutral at init
+    with torch.no_grad():
+        with_fire.fire.gates.fill_(0.5)
+    opened = _embed(with_fire, products).embeddings
+    assert (opened - closed).abs().max() > 1e-3
+
+
+def test_mhmf_gates_start_even_and_fusion_changes_the_output(products):
+    with_mhmf = build_model(Moon3Config(use_mhmf=True))
+    without = build_model(Moon3Config(use_mhmf=False))
+    out = _embed(with_mhmf, products)
+    assert out.modality_gates.shape == (4, 4)
+    assert torch.allclose(out.modality_gates, torch.full((4, 4), 0.5))  # even vision/text mix at init
+    assert (out.embeddings - _embed(without, products).embeddings).abs().max() > 1e-3
+    assert _embed(without, products).modality_gates is None
+
+
+def test_reasoning_on_generates_attribute_text_and_a_different_embedding(model, products):
+    off = _embed(model, products)
+    on = _embed(model, products, reasoning=True)
+    assert off.reasoning == [None] * 4
+    assert all(isinstance(text, str) and text for text in on.reasoning)
+    assert (on.embeddings - off.embeddings).abs().max() > 1e-3
+    assert torch.allclose(on.embeddings, _embed(model, products, reasoning=True).embeddings)  # greedy: deterministic
+
+
+def test_gradients_reach_mhmf_fire_and_the_head(products):
+    net = build_model(Moon3Config())
+    with torch.no_grad():
+        net.fire.gates.fill_(0.1)  # closed gates pass gradient only to themselves
+    processor = Moon3Processor(net.tokenizer, net.image_processor, net.config.prompt)
+    batch = processor.collate([processor.encode(p) for p in products])
+    target = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
+    loss = (net(**batch).embeddings * target).sum()
+    loss.backward()
+    for name, part in (("mhmf", net.mhmf), ("fire", net.fire), ("head", net.head)):
+        for param_name, param in part.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}.{param_name}"
+
+
+def test_checkpoint_round_trip_reproduces_embeddings(tmp_path, model, products):
+    version = save_checkpoint(model, tmp_path / "ck")
+    assert version.startswith("moon3-")
+    manifest = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
+    assert manifest["model_version"] == version and "backbone/model.safetensors" in manifest["files"]
+    assert not list((tmp_path / "ck").rglob("*.bin")) and not list((tmp_path / "ck").rglob("*.pt"))
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.version == version
+    assert torch.equal(_embed(loaded, products).embeddings, _embed(model, products).embeddings)
+    assert save_checkpoint(loaded, tmp_path / "again") == version  # the version is the weights' identity
+    with pytest.raises(FileExistsError):
+        save_checkpoint(model, tmp_path / "ck")
+
+
+def test_a_corrupt_or_incomplete_checkpoint_is_refused(tmp_path, model):
+    save_checkpoint(model, tmp_path / "ck")
+    heads = tmp_path / "ck" / "heads.safetensors"
+    original = heads.read_bytes()
+    heads.write_bytes(original[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="heads.safetensors does not match its recorded SHA-256"):
+        load_checkpoint(tmp_path / "ck")
+    heads.write_bytes(original)
+    (tmp_path / "ck" / "moon3_config.json").unlink()
+    with pytest.raises(CheckpointError, match="moon3_config.json is missing"):
+        load_checkpoint(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        load_checkpoint(tmp_path)
+
+
+def test_local_backbone_directories_are_checked(tmp_path, model):
+    with pytest.raises(ValueError, match="neither a preset"):
+        Moon3Config(backbone=str(tmp_path / "nowhere"))
+    from model.backbone import load_local
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_local(tmp_path / "nowhere")
+    model.backbone.save_pretrained(tmp_path / "vlm", safe_serialization=True)
+    with pytest.raises(FileNotFoundError, match="incomplete: missing preprocessor_config.json, tokenizer.json"):
+        load_local(tmp_path / "vlm")
+    model.tokenizer.save_pretrained(tmp_path / "vlm")
+    model.image_processor.save_pretrained(tmp_path / "vlm")
+    config = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    (tmp_path / "vlm" / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    with pytest.raises(ValueError, match="is a 'llava' model; supported: qwen2_vl, qwen2_5_vl"):
+        load_local(tmp_path / "vlm")
+    (tmp_path / "vlm" / "config.json").write_text(json.dumps(config))
+    built = build_model(Moon3Config(backbone=str(tmp_path / "vlm")))  # a real local directory loads
+    assert built.backbone.config.text_config.hidden_size == 64
+
+
+def test_prompt_respects_text_and_image_budgets(model):
+    budget = PromptBudget(max_text_tokens=40, max_image_pixels=112 * 112)
+    processor = Moon3Processor(model.tokenizer, model.image_processor, budget)
+    huge = ProductInput("Dress " * 500, _photo(sorted((RAW / "vendure" / "images").glob("*.jpg"))[0].name, 600),
+                        "Fashion", {"color": "red"}, "long " * 1000)
+    text = processor.product_text(huge)
+    assert len(model.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 40
+    encoded = processor.encode(huge)
+    grid = encoded.image_grid_thw[0]
+    assert grid.prod() * 14 * 14 <= 112 * 112 * 1.0 + 1e-9  # patches of 14x14 within the pixel budget
+    assert encoded.input_ids.count(model.image_token_id) == int(grid.prod() // 4)
+    with pytest.raises(ProductRejected, match="neither a title nor a description") as caught:
+        processor.encode(ProductInput("  ", huge.image_bytes))
+    assert caught.value.code == "empty_text"
+
+
+def test_predictor_turns_bad_products_into_row_errors(products):
+    predict = make_predict_fn(Moon3Config(), device="cpu")
+    good_bytes = products[0].image_bytes
+    batch = [
+        products[0],
+        ProductInput("Corrupt photo", b"\xff\xd8\xff\xe0 not really a jpeg"),
+        products[1],
+        ProductInput("Truncated photo", good_bytes[: len(good_bytes) // 3]),
+        ProductInput("", products[2].image_bytes, description=""),
+        products[3],
+    ]
+    result = predict(batch)
+    assert result.error_codes == [None, "image_undecodable", None, "image_undecodable", "empty_text", None]
+    assert "cannot be decoded" in result.errors[1]
+    assert np.allclose(np.linalg.norm(result.vectors[result.ok], axis=1), 1.0, atol=1e-5)
+    assert not result.vectors[~result.ok].any()
+    alone = predict([products[1]])  # padding and batch company do not change a product's vector
+    assert np.allclose(alone.vectors[0], result.vectors[2], atol=1e-5)
+    assert np.array_equal(predict(batch).vectors, result.vectors)  # deterministic
+    assert set(result.timings) == {"preprocess", "forward"} and result.model_version.startswith("untrained-")
+
+
+def test_batches_respect_the_token_budget_and_cover_every_row_once():
+    lengths = [50, 300, 120, 80, 310, 60, 2000, 90]
+    batches = plan_batches(lengths, token_budget=640, max_batch=3)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 640
+    assert batches[0] == [6]  # the longest row alone: it exceeds the budget by itself
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+
+
+def test_attribute_parsing():
+    assert parse_attributes("category: dress; color: red\nmaterial: silk; junk; : x") == {
+        "category": "dress", "color": "red", "material": "silk"
+    }
+    assert parse_attributes(None) == {}

@@ -27,6 +27,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A
 class BenchRow:
     preset: str
     reasoning: bool
+    compiled: bool
     device: str
     dtype: str
     products: int
@@ -69,7 +70,7 @@ def _peak_tflops(device: str) -> float | None:
 
 
 def bench_one(preset: str, reasoning: bool, products: list, device: str, token_budget: int | None,
-              workers: int, warmup: int = 8) -> BenchRow:
+              workers: int, warmup: int = 8, compile_model: bool = False, max_batch: int = 256) -> BenchRow:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -80,7 +81,9 @@ def bench_one(preset: str, reasoning: bool, products: list, device: str, token_b
         Moon3Config(backbone=preset, reasoning=reasoning),
         device=device,
         token_budget=token_budget,
+        max_batch=max_batch,
         preprocess_workers=workers,
+        compile_model=compile_model,
     )
     predict(products[:warmup])  # first-call costs (allocator, kernels) are not throughput
     if device.startswith("cuda"):
@@ -94,6 +97,7 @@ def bench_one(preset: str, reasoning: bool, products: list, device: str, token_b
     row = BenchRow(
         preset=preset,
         reasoning=reasoning,
+        compiled=compile_model,
         device=device,
         dtype="bfloat16" if device.startswith("cuda") else "float32",
         products=len(products),
@@ -104,9 +108,14 @@ def bench_one(preset: str, reasoning: bool, products: list, device: str, token_b
     )
     peak = _peak_tflops(device)
     if peak is not None:
+        # FlopCounterMode has no formula for grouped-query SDPA: count an eager-attention pass, which
+        # performs the same matrix products, then go back to SDPA.
+        backbone = predict.model.backbone
+        backbone.set_attn_implementation({"text_config": "eager"})
         counter = FlopCounterMode(display=False)
         with counter:
             predict(products)
+        backbone.set_attn_implementation({"text_config": "sdpa"})
         row.tflops_achieved = counter.get_total_flops() / fwd / 1e12
         row.peak_fraction = row.tflops_achieved / peak
     del predict
@@ -116,22 +125,26 @@ def bench_one(preset: str, reasoning: bool, products: list, device: str, token_b
 
 
 def run(presets: list[str], products: int, device: str, snapshot: str | None, token_budget: int | None,
-        workers: int, reasoning_modes: list[bool], reasoning_products: int | None) -> list[BenchRow]:
+        workers: int, reasoning_modes: list[bool], reasoning_products: int | None,
+        compile_modes: list[bool], warmup: int, max_batch: int = 256) -> list[BenchRow]:
     items = load_products(snapshot, products)
     rows = []
     for preset in presets:
         for reasoning in reasoning_modes:
-            subset = items[: reasoning_products] if reasoning and reasoning_products else items
-            row = bench_one(preset, reasoning, subset, device, token_budget, workers)
-            rows.append(row)
-            print(_format(row), flush=True)
+            for compiled in compile_modes:
+                subset = items[:reasoning_products] if reasoning and reasoning_products else items
+                row = bench_one(preset, reasoning, subset, device, token_budget, workers,
+                                warmup=len(subset) if compiled else warmup, compile_model=compiled,
+                                max_batch=max_batch)
+                rows.append(row)
+                print(_format(row), flush=True)
     return rows
 
 
 def _format(row: BenchRow) -> str:
     mfu = f"  {row.tflops_achieved:7.1f} TFLOP/s = {row.peak_fraction:5.1%} of peak" if row.peak_fraction else ""
     return (
-        f"{row.preset:18s} reasoning {'on ' if row.reasoning else 'off'}  {row.device:7s} {row.dtype:8s} "
+        f"{row.preset:18s} reasoning {'on ' if row.reasoning else 'off'} {'compiled' if row.compiled else 'eager   '} {row.device:7s} {row.dtype:8s} "
         f"{row.products:5d} products  {row.products_per_s:9.1f}/s end to end  "
         f"{row.forward_products_per_s:9.1f}/s in the model  preprocess {row.preprocess_share:5.1%}  "
         f"forward {row.forward_share:5.1%}{mfu}"
@@ -147,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--snapshot", default=None, help="catalog.parquet to take products from")
     parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--max-batch", type=int, default=256, help="most products in one forward pass")
     parser.add_argument("--workers", type=int, default=1, help="preprocessing threads")
+    parser.add_argument("--compile", default="off", help="torch.compile the decoder layers: off, on or off,on")
+    parser.add_argument("--warmup", type=int, default=8, help="products run before timing (all of them when compiled)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = run(
@@ -159,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         [mode.strip() == "on" for mode in args.reasoning.split(",")],
         args.reasoning_products,
+        [mode.strip() == "on" for mode in args.compile.split(",")],
+        args.warmup,
+        args.max_batch,
     )
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -120,6 +120,9 @@ class Moon3Model(nn.Module):
 
     def __init__(self, config: Moon3Config, backbone: nn.Module, tokenizer: Any, image_processor: Any) -> None:
         super().__init__()
+        from model.vision_attention import use_grouped_vision_attention
+
+        use_grouped_vision_attention(backbone)  # same results as per-image attention, far fewer launches
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -161,11 +164,10 @@ class Moon3Model(nn.Module):
         def inject(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
             if self._injection is None:
                 return None
-            mask, features = self._injection
+            shape, rows, cols, features = self._injection
             hidden = output[0] if isinstance(output, tuple) else output
-            if hidden.shape[:2] != mask.shape:  # a decoding step: no image tokens in it
+            if hidden.shape[:2] != shape:  # a decoding step: no image tokens in it
                 return None
-            rows, cols = mask.nonzero(as_tuple=True)
             residual = self.fire.residual(depth, features).to(hidden.dtype)
             hidden = hidden.index_put((rows, cols), residual, accumulate=True)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -173,8 +175,17 @@ class Moon3Model(nn.Module):
         return inject
 
     @contextmanager
-    def _injecting(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> Iterator[None]:
-        self._injection = (input_ids == self.image_token_id, features) if features is not None else None
+    def _injecting(
+        self, input_ids: torch.Tensor, features: torch.Tensor | None, positions: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Arm the FIRE hooks for one forward. ``positions`` [N, 2] of the image tokens may come
+        precomputed from the CPU side; finding them on the GPU costs a synchronisation."""
+        if features is None:
+            self._injection = None
+        else:
+            if positions is None:
+                positions = (input_ids == self.image_token_id).nonzero()
+            self._injection = (input_ids.shape, positions[:, 0], positions[:, 1], features)
         try:
             yield
         finally:
@@ -201,10 +212,10 @@ class Moon3Model(nn.Module):
             features = self.fire.local_features(states)
         return vision, features
 
-    def _llm_states(self, input_ids, attention_mask, vision, features) -> tuple[torch.Tensor, torch.Tensor]:
+    def _llm_states(self, input_ids, attention_mask, vision, features, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [B, S, H] and the raw input states (vision scattered in) [B, S, H]."""
         raw = self._raw_states(input_ids, vision)
-        with self._injecting(input_ids, features):
+        with self._injecting(input_ids, features, positions):
             out = self.backbone.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -221,18 +232,21 @@ class Moon3Model(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         reasoning: bool | None = None,
         dim: int | None = None,
+        image_positions: torch.Tensor | None = None,
     ) -> Moon3Output:
-        """Embed a batch. ``input_ids`` are left-padded prompts ending in ``<think>``."""
+        """Embed a batch. ``input_ids`` are left-padded prompts ending in ``<think>``;
+        ``image_positions`` [N, 2] (row, column) of their image tokens, if already known."""
         reasoning = self.config.reasoning if reasoning is None else reasoning
         vision, features = self.encode_images(pixel_values, image_grid_thw)
         texts: list[str | None] = [None] * input_ids.shape[0]
         if reasoning:
-            full_ids, full_mask, texts = self._reason(input_ids, attention_mask, vision, features)
+            full_ids, full_mask, texts = self._reason(input_ids, attention_mask, vision, features, image_positions)
+            image_positions = None  # rows were re-padded around the reasoning
         else:
             tail = torch.tensor([self.think_end_id, self.embed_token_id], device=input_ids.device)
             full_ids = torch.cat([input_ids, tail.expand(input_ids.shape[0], 2)], dim=1)
             full_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :2])], dim=1)
-        states, raw = self._llm_states(full_ids, full_mask, vision, features)
+        states, raw = self._llm_states(full_ids, full_mask, vision, features, image_positions)
         pooled = states[:, -1]  # left padding: the embedding token is last in every row
         gates = None
         if self.mhmf is not None:
@@ -257,11 +271,11 @@ class Moon3Model(nn.Module):
 
     # -- reasoning --------------------------------------------------------------------------------
 
-    def _reason(self, input_ids, attention_mask, vision, features):
+    def _reason(self, input_ids, attention_mask, vision, features, positions=None):
         """Generate the attribute reasoning, then rebuild each row as prompt + reasoning + </think><|emb|>."""
         budget = self.config.prompt.max_reasoning_tokens
         pad_id = self.tokenizer.pad_token_id
-        with self._injecting(input_ids, features):
+        with self._injecting(input_ids, features, positions):
             generated = self.backbone.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

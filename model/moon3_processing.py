@@ -143,9 +143,15 @@ class Moon3Processor:
         for row, item in enumerate(items):
             input_ids[row, length - item.length :] = torch.tensor(item.input_ids)
             attention_mask[row, length - item.length :] = 1
-        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        image_token = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        tensors = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            # Found here on the CPU, so the GPU never waits for a nonzero() in the forward pass.
+            "image_positions": (input_ids == image_token).nonzero(),
+        }
         with_images = [item for item in items if item.pixel_values is not None]
         if with_images:
-            batch["pixel_values"] = torch.cat([i.pixel_values for i in with_images]).to(device)
-            batch["image_grid_thw"] = torch.cat([i.image_grid_thw for i in with_images]).to(device)
-        return batch
+            tensors["pixel_values"] = torch.cat([i.pixel_values for i in with_images])
+            tensors["image_grid_thw"] = torch.cat([i.image_grid_thw for i in with_images])
+        return {k: v.to(device) for k, v in tensors.items()}

@@ -8,12 +8,13 @@ DEPS_STAMP := $(VENV)/.moonpipe-deps
 RAW := data/raw
 PYTEST_ARGS ?=
 
-.PHONY: help setup java sample-data demo test test-all docs clean
+.PHONY: help setup java sample-data demo test bench docs clean
 
 help:
 	@echo "make demo      set up, then run the main job on the embedded default"
 	@echo "make test      set up, then run the test suite (2 cores, ~15 min budget)"
 	@echo "make setup     only set up: Java 17, .venv with the locked dependencies, sample data"
+	@echo "make bench     set up, then run the benchmarks (CPU; see README for GPU)"
 	@echo "make docs      regenerate docs/tables.md from schemas/"
 
 setup: java $(DEPS_STAMP) sample-data
@@ -35,6 +36,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/moonpipe bench moon3 --presets tiny,small --products 128 --reasoning-products 32
 
 docs: $(DEPS_STAMP)
 	$(VENV)/bin/moonpipe schemas --markdown > docs/tables.md

@@ -28,7 +28,7 @@ QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 PIPELINE_TOKENS = (THINK_START, THINK_END, EMBED_TOKEN)
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # Qwen3-VL: its deepstack vision path is not wired yet
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class BackbonePreset:
     vision_num_heads: int
     vocab_size: int  # embedding rows; at least the tokenizer's size
     tokenizer_vocab: int  # BPE vocabulary trained for the preset
+    family: str = "qwen2_vl"  # or "qwen2_5_vl" (windowed vision attention, SwiGLU vision MLP)
 
     @property
     def head_dim(self) -> int:
@@ -54,6 +55,7 @@ class BackbonePreset:
 PRESETS: dict[str, BackbonePreset] = {
     # Unit tests: about half a million parameters, forward in milliseconds.
     "tiny": BackbonePreset(64, 2, 4, 2, 128, 2, 32, 2, 1024, 1024),
+    "tiny-qwen2.5": BackbonePreset(64, 2, 4, 2, 128, 2, 32, 2, 1024, 1024, family="qwen2_5_vl"),
     # CPU benchmarks and the local demo: big enough for timings to mean something.
     "small": BackbonePreset(256, 4, 4, 2, 768, 4, 128, 4, 4096, 4096),
     # Qwen2-VL-2B's dimensions (random weights) for GPU throughput measurements.
@@ -112,43 +114,63 @@ def _mrope_section(head_dim: int) -> list[int]:
 def build_preset(name: str, seed: int = 0) -> tuple["PreTrainedModel", "PreTrainedTokenizerFast", Any]:
     """A randomly initialised Qwen2-VL of preset ``name``, its tokenizer and image processor."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}: use one of {sorted(PRESETS)} or a local model directory")
     preset = PRESETS[name]
     tokenizer = _train_tokenizer(preset.tokenizer_vocab)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": max(preset.vocab_size, len(tokenizer)),
-            "hidden_size": preset.hidden_size,
-            "intermediate_size": preset.intermediate_size,
-            "num_hidden_layers": preset.num_hidden_layers,
-            "num_attention_heads": preset.num_attention_heads,
-            "num_key_value_heads": preset.num_key_value_heads,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1_000_000.0,
-                "mrope_section": _mrope_section(preset.head_dim),
-            },
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
+    text_config = {
+        "vocab_size": max(preset.vocab_size, len(tokenizer)),
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.intermediate_size,
+        "num_hidden_layers": preset.num_hidden_layers,
+        "num_attention_heads": preset.num_attention_heads,
+        "num_key_value_heads": preset.num_key_value_heads,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": _mrope_section(preset.head_dim),
         },
-        vision_config={
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    if preset.family == "qwen2_vl":
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision_config = {
             "depth": preset.vision_depth,
             "embed_dim": preset.vision_embed_dim,
             "hidden_size": preset.hidden_size,
             "num_heads": preset.vision_num_heads,
-        },
+        }
+    else:
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision_config = {
+            "depth": preset.vision_depth,
+            "hidden_size": preset.vision_embed_dim,
+            "intermediate_size": preset.vision_embed_dim * 2,
+            "out_hidden_size": preset.hidden_size,
+            "num_heads": preset.vision_num_heads,
+            "window_size": 56,  # 2x2 merged tokens per window at 14-pixel patches
+            "fullatt_block_indexes": [preset.vision_depth - 1],
+        }
+    config = config_class(
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     return model, tokenizer, _image_processor()

@@ -104,6 +104,12 @@ class Moon3Output:
     modality_gates: torch.Tensor | None  # [B, heads] vision share per MHMF head
 
 
+def vision_width(vision_config: Any) -> int:
+    """Width of the vision blocks: ``embed_dim`` in Qwen2-VL, ``hidden_size`` in Qwen2.5-VL."""
+    width = getattr(vision_config, "embed_dim", None)
+    return width if width is not None else vision_config.hidden_size
+
+
 def _seeded(seed: int, build: Any, *args: Any) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -144,7 +150,7 @@ class Moon3Model(nn.Module):
             self.fire = _seeded(
                 config.seed + 2,
                 ResidualEnhancement,
-                vision_config.embed_dim,
+                vision_width(vision_config),
                 vision_config.spatial_merge_size,
                 hidden,
                 len(self.fire_vision_layers),
@@ -210,7 +216,26 @@ class Moon3Model(nn.Module):
             # hidden_states[i] is the output of vision block i.
             states = [vision.hidden_states[i] for i in self.fire_vision_layers]
             features = self.fire.local_features(states)
+            order = self._merged_token_order(image_grid_thw)
+            if order is not None:
+                features = features[:, order]
         return vision, features
+
+    def _merged_token_order(self, image_grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2.5-VL runs its vision blocks in window order and restores the image order only
+        after the merger; FIRE's features, taken inside, need the same restoring permutation."""
+        visual = self.backbone.model.visual
+        if not hasattr(visual, "window_size"):
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            image_grid_thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        return torch.argsort(window_index)
 
     def _llm_states(self, input_ids, attention_mask, vision, features, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [B, S, H] and the raw input states (vision scattered in) [B, S, H]."""

@@ -136,6 +136,14 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "moon3":
+        from benchmarks.moon3_predictor import main as bench_moon3
+
+        return bench_moon3(args.options)
+    raise SystemExit(f"unknown benchmark {args.what!r}: use moon3")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -200,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query", help="e.g. \"SELECT snapshot_date, count(*) FROM catalog_snapshots GROUP BY 1\"")
     sql.add_argument("--limit", type=int, default=20, help="rows to show (20)")
     sql.add_argument("--truncate", type=int, default=40, help="truncate cells to this many characters (40)")
+
+    bench = add("bench", cmd_bench, "Benchmarks, measured side by side in one run (`moonpipe bench moon3 -h`).")
+    bench.add_argument("what", choices=["moon3"], help="moon3: the MOON3.0 batch predictor")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     schemas = add("schemas", cmd_schemas, "Show every table's contract.")
     schemas.add_argument("--markdown", action="store_true", help="print docs/tables.md")

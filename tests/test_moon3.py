@@ -216,3 +216,33 @@ def test_attribute_parsing():
         "category": "dress", "color": "red", "material": "silk"
     }
     assert parse_attributes(None) == {}
+
+
+def test_grouped_vision_attention_matches_per_image_attention(model, products):
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    batch = processor.collate([processor.encode(p) for p in products])
+    with torch.inference_mode():
+        grouped = model(**batch).embeddings
+        model.backbone.set_attn_implementation({"vision_config": "sdpa"})  # transformers' per-image loop
+        try:
+            per_image = model(**batch).embeddings
+        finally:
+            from model.vision_attention import use_grouped_vision_attention
+
+            use_grouped_vision_attention(model.backbone)
+    assert torch.allclose(grouped, per_image, atol=1e-5)
+
+
+def test_qwen2_5_vl_backbone_with_fire_in_image_order(products):
+    net = build_model(Moon3Config(backbone="tiny-qwen2.5"))
+    assert type(net.backbone).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    processor = Moon3Processor(net.tokenizer, net.image_processor, net.config.prompt)
+    batch = processor.collate([processor.encode(p) for p in products])
+    with torch.inference_mode():
+        vision, _ = net.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+        # FIRE reads the blocks in window order; restored, the last block's merged states are the pooled output.
+        restored = net.backbone.model.visual.merger(vision.hidden_states[-1])[net._merged_token_order(batch["image_grid_thw"])]
+        assert torch.allclose(restored, torch.cat(vision.pooler_output), atol=1e-5)
+        out = net(**batch)
+    assert out.embeddings.shape == (4, 128)
+    assert torch.allclose(out.embeddings.norm(dim=-1), torch.ones(4), atol=1e-5)

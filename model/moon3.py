@@ -237,15 +237,43 @@ class Moon3Model(nn.Module):
         )
         return torch.argsort(window_index)
 
-    def _llm_states(self, input_ids, attention_mask, vision, features, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden states [B, S, H] and the raw input states (vision scattered in) [B, S, H]."""
+    def rope_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Qwen-VL's 3D (time, height, width) rotary positions [3, B, S] for a batch of prompts.
+
+        Call it on CPU tensors before moving a batch to the GPU: transformers computes these row by
+        row in Python, which on the GPU would stall it once per row.
+        """
+        if image_grid_thw is None:
+            return None  # text only: the model's own 1D positions are right
+        token_types = (input_ids == self.image_token_id).int()
+        positions, _ = self.backbone.model.get_rope_index(
+            input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+        return positions
+
+    def _llm_states(
+        self, input_ids, attention_mask, vision, features, image_grid_thw, image_positions=None, rope=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states [B, S, H] and the raw input states (vision scattered in) [B, S, H].
+
+        ``rope``: precomputed 3D positions; without them transformers derives them from the image
+        grid and the image-token types.
+        """
         raw = self._raw_states(input_ids, vision)
-        with self._injecting(input_ids, features, positions):
+        multimodal: dict[str, torch.Tensor] = {}
+        if rope is not None:
+            multimodal["position_ids"] = rope
+        elif vision is not None:
+            multimodal = {"image_grid_thw": image_grid_thw, "mm_token_type_ids": (input_ids == self.image_token_id).int()}
+        with self._injecting(input_ids, features, image_positions):
             out = self.backbone.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 mm_encoder_outputs={"image": vision} if vision is not None else None,
                 use_cache=False,
+                **multimodal,
             )
         return out.last_hidden_state, raw
 
@@ -258,20 +286,30 @@ class Moon3Model(nn.Module):
         reasoning: bool | None = None,
         dim: int | None = None,
         image_positions: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> Moon3Output:
         """Embed a batch. ``input_ids`` are left-padded prompts ending in ``<think>``;
-        ``image_positions`` [N, 2] (row, column) of their image tokens, if already known."""
+        ``image_positions`` [N, 2] (row, column) of their image tokens and ``position_ids`` (from
+        ``rope_positions``) may come precomputed; both are derived here otherwise."""
         reasoning = self.config.reasoning if reasoning is None else reasoning
         vision, features = self.encode_images(pixel_values, image_grid_thw)
         texts: list[str | None] = [None] * input_ids.shape[0]
         if reasoning:
-            full_ids, full_mask, texts = self._reason(input_ids, attention_mask, vision, features, image_positions)
-            image_positions = None  # rows were re-padded around the reasoning
+            full_ids, full_mask, texts = self._reason(
+                input_ids, attention_mask, vision, features, image_grid_thw, image_positions
+            )
+            image_positions = full_rope = None  # rows were re-padded around the reasoning
         else:
             tail = torch.tensor([self.think_end_id, self.embed_token_id], device=input_ids.device)
             full_ids = torch.cat([input_ids, tail.expand(input_ids.shape[0], 2)], dim=1)
             full_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :2])], dim=1)
-        states, raw = self._llm_states(full_ids, full_mask, vision, features, image_positions)
+            full_rope = None
+            if position_ids is not None:  # the two tail tokens are text: one position after another
+                last = position_ids[..., -1:]
+                full_rope = torch.cat([position_ids, last + 1, last + 2], dim=-1)
+        states, raw = self._llm_states(
+            full_ids, full_mask, vision, features, image_grid_thw, image_positions, full_rope
+        )
         pooled = states[:, -1]  # left padding: the embedding token is last in every row
         gates = None
         if self.mhmf is not None:
@@ -296,7 +334,7 @@ class Moon3Model(nn.Module):
 
     # -- reasoning --------------------------------------------------------------------------------
 
-    def _reason(self, input_ids, attention_mask, vision, features, positions=None):
+    def _reason(self, input_ids, attention_mask, vision, features, image_grid_thw, positions=None):
         """Generate the attribute reasoning, then rebuild each row as prompt + reasoning + </think><|emb|>."""
         budget = self.config.prompt.max_reasoning_tokens
         pad_id = self.tokenizer.pad_token_id
@@ -305,6 +343,9 @@ class Moon3Model(nn.Module):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 mm_encoder_outputs={"image": vision} if vision is not None else None,
+                # with the grid and token types, transformers gives the image tokens 3D positions
+                image_grid_thw=image_grid_thw,
+                mm_token_type_ids=(input_ids == self.image_token_id).int(),
                 max_new_tokens=budget,
                 do_sample=False,
                 eos_token_id=[self.think_end_id, self.tokenizer.eos_token_id],

@@ -139,7 +139,9 @@ def make_predict_fn(
             return rejected
 
     def run(items: list[Encoded]) -> tuple[torch.Tensor, list[str | None]]:
-        batch = processor.collate(items, device)
+        batch = processor.collate(items)  # on the CPU: positions are cheap here, costly on a GPU
+        batch["position_ids"] = net.rope_positions(batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"))
+        batch = {key: value.to(device) for key, value in batch.items() if value is not None}
         output = net(**batch, reasoning=use_reasoning, dim=dim)
         return output.embeddings, output.reasoning  # left on the device: no sync per batch
 

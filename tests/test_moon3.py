@@ -246,3 +246,17 @@ def test_qwen2_5_vl_backbone_with_fire_in_image_order(products):
         out = net(**batch)
     assert out.embeddings.shape == (4, 128)
     assert torch.allclose(out.embeddings.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+def test_image_tokens_get_3d_rotary_positions(model, products):
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    batch = processor.collate([processor.encode(p) for p in products])
+    rope = model.rope_positions(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+    assert rope.shape == (3, 4, batch["input_ids"].shape[1])
+    image = batch["input_ids"][0] == model.image_token_id
+    grid_h, grid_w = (batch["image_grid_thw"][0][1:] // 2).tolist()
+    height, width = rope[1, 0, image], rope[2, 0, image]
+    assert int(height.max() - height.min()) == grid_h - 1 and int(width.max() - width.min()) == grid_w - 1
+    assert torch.equal(rope[0, 0, image], rope[0, 0, image][:1].expand(int(image.sum())))  # one frame: one time
+    with torch.inference_mode():  # precomputed (CPU) positions give what the model derives itself
+        assert torch.equal(model(**batch, position_ids=rope).embeddings, model(**batch).embeddings)

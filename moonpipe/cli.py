@@ -58,6 +58,39 @@ def cmd_load_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from jobs.ingest import ingest
+
+    _print_json(ingest(args.date, source_uri=args.source).as_dict())
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from jobs.embed import embed
+    from moonpipe.settings import Settings
+
+    model_dir = args.model or Settings.from_env().moon3_model
+    summary = embed(args.date, model_dir, full=args.full, reasoning=args.reasoning or None, device=args.device)
+    _print_json(summary.as_dict())
+    return 0
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from model.moon3_checkpoint import build_model, read_manifest, save_checkpoint
+    from model.moon3_config import Moon3Config
+    from moonpipe.settings import Settings
+
+    target = Path(args.out or Settings.from_env().moon3_model)
+    if target.exists():
+        print(f"{target}: already a model ({read_manifest(target)['model_version']}); nothing to do")
+        return 0
+    version = save_checkpoint(build_model(Moon3Config(backbone=args.preset, seed=args.seed)), target)
+    print(f"{target}: untrained MOON3.0 ({args.preset}, seed {args.seed}), version {version}")
+    return 0
+
+
 def cmd_tables(args: argparse.Namespace) -> int:
     from moonpipe import delta
     from moonpipe.settings import Settings
@@ -186,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     load = add("load-snapshot", cmd_load_snapshot, "Load one day's snapshot into the catalog_snapshots table.")
     load.add_argument("--date", type=_date, required=True, help="snapshot date (YYYY-MM-DD)")
+
+    ingest = add("ingest", cmd_ingest, "Validate a day's snapshot (Great Expectations) into products + quarantine.")
+    ingest.add_argument("--date", type=_date, required=True, help="snapshot date (YYYY-MM-DD)")
+    ingest.add_argument("--source", default=None, help="snapshot folder/URI (default: $MOONPIPE_SNAPSHOTS_URI/dt=DATE)")
+
+    embed = add("embed", cmd_embed, "Embed new and changed products with MOON3.0 into product_embeddings.")
+    embed.add_argument("--date", type=_date, required=True, help="snapshot date the products come from")
+    embed.add_argument("--model", default=None, help="MOON3.0 checkpoint directory (default: $MOONPIPE_MOON3_MODEL)")
+    embed.add_argument("--full", action="store_true", help="re-embed every live product")
+    embed.add_argument("--reasoning", action="store_true", help="generate attribute reasoning (slower)")
+    embed.add_argument("--device", default=None, help="cuda:N or cpu (default: the task's GPU, else CPU)")
+
+    model = add("model", lambda a: a.model_parser.print_help() or 2, "Model checkpoints.")
+    model.set_defaults(model_parser=model)
+    model_commands = model.add_subparsers(dest="model_command", metavar="ACTION")
+    init = model_commands.add_parser("init", help="Save an untrained MOON3.0 checkpoint to start the pipeline with.")
+    init.add_argument("--preset", default="tiny", help="backbone preset (tiny, small, ...)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", default=None, help="directory (default: $MOONPIPE_MOON3_MODEL)")
+    init.set_defaults(handler=cmd_model_init)
 
     add("tables", cmd_tables, "List the lake's Delta tables with version, files and rows.")
     table = add("table", lambda a: a.table_parser.print_help() or 2, "Maintain one Delta table.")

@@ -414,12 +414,14 @@ class MergeSpec:
 
     ``update_condition``: SQL over ``s.`` (source) and ``t.`` (target) columns; matched rows are
     updated only where it holds (e.g. ``"s.content_hash <> t.content_hash"``); None updates all.
+    ``update_set`` limits the update to some columns (e.g. to keep a first-seen date).
     ``insert``: insert unmatched source rows. ``delete_matched_condition``: delete matched target
     rows where it holds. ``not_matched_by_source_set`` / ``_condition``: update target rows that
     the source lacks (e.g. mark products deleted) instead of losing them.
     """
 
     update_condition: str | None = None
+    update_set: Mapping[str, str] | None = None  # explicit `target column -> SQL` updates; None = all columns
     insert: bool = True
     delete_matched_condition: str | None = None
     not_matched_by_source_set: Mapping[str, str] | None = None
@@ -474,7 +476,10 @@ def merge(
             )
             if spec.delete_matched_condition:
                 merger = merger.when_matched_delete(predicate=spec.delete_matched_condition)
-            merger = merger.when_matched_update_all(predicate=spec.update_condition)
+            if spec.update_set:
+                merger = merger.when_matched_update(updates=dict(spec.update_set), predicate=spec.update_condition)
+            else:
+                merger = merger.when_matched_update_all(predicate=spec.update_condition)
             if spec.insert:
                 merger = merger.when_not_matched_insert_all()
             if spec.not_matched_by_source_set:

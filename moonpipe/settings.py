@@ -34,6 +34,7 @@ class Settings:
     raw_data_dir: str
     tmp_dir: str
     spark_profile: str
+    moon3_model: str
 
     @classmethod
     def from_env(cls, home: str | os.PathLike[str] | None = None) -> "Settings":
@@ -46,6 +47,7 @@ class Settings:
             raw_data_dir=os.environ.get("MOONPIPE_RAW_DATA", str(PROJECT_ROOT / "data" / "raw")),
             tmp_dir=os.environ.get("MOONPIPE_TMP", f"{base}/tmp"),
             spark_profile=os.environ.get("MOONPIPE_SPARK_PROFILE", "local"),
+            moon3_model=os.environ.get("MOONPIPE_MOON3_MODEL", f"{base}/models/moon3/bootstrap"),
         )
 
     def table_uri(self, table: str) -> str:

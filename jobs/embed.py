@@ -1,0 +1,279 @@
+"""Embed the products that are new or changed for the current MOON3.0 version into product_embeddings.
+
+    reader    live products whose (product_id, content_hash) has no embedding for this model version
+              (all live products with ``full=True``, and necessarily when the version is new)
+    model     MOON3.0's batch predictor in an Arrow UDF: built once per executor Python worker
+              (never shipped from the driver), on the GPU Spark assigned to the task where there is one
+    writers   product_embeddings: MERGE by (product_id, model_version); rows the model could not
+              process: quarantine (stage ``embed``), with the reason
+
+A conservation check fails the run if a product to embed is neither embedded nor quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from moonpipe import delta
+from moonpipe.progress import stage
+from moonpipe.settings import Settings
+from schemas.tables import PRODUCT_EMBEDDINGS, PRODUCTS, QUARANTINE
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+LOG = logging.getLogger("moonpipe.jobs.embed")
+STAGE = "embed"
+MODEL_COLUMNS = ("product_id", "content_hash", "title", "description", "category_path", "attributes", "image_bytes")
+UDF_OUTPUT = pa.schema(
+    [
+        ("product_id", pa.string()),
+        ("content_hash", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("embedding_dim", pa.int32()),
+        ("attributes", pa.map_(pa.string(), pa.string())),
+        ("reasoning", pa.string()),
+        ("error_code", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+# One predictor per executor Python worker and model (Spark reuses workers between tasks).
+_PREDICTORS: dict[tuple, Any] = {}
+
+
+class ConservationError(RuntimeError):
+    """A product to embed ended neither embedded nor quarantined."""
+
+
+@dataclass
+class EmbedSummary:
+    snapshot_date: str
+    model_version: str
+    full: bool
+    live_products: int = 0
+    to_embed: int = 0
+    embedded: int = 0
+    quarantined: int = 0
+    skipped_unchanged: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    embeddings_version: int | None = None
+    quarantine_version: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_version(model_dir: str) -> str:
+    from model.moon3_checkpoint import read_manifest
+
+    return read_manifest(model_dir)["model_version"]
+
+
+def _predictor(model_dir: str, options: tuple[tuple[str, Any], ...]) -> Any:
+    key = (model_dir, options)
+    if key not in _PREDICTORS:
+        from model.moon3_predictor import make_predict_fn
+
+        _PREDICTORS[key] = make_predict_fn(model_dir, **dict(options))
+    return _PREDICTORS[key]
+
+
+def embed_batches(
+    batches: Iterator[pa.RecordBatch], model_dir: str, options: tuple[tuple[str, Any], ...]
+) -> Iterator[pa.RecordBatch]:
+    """The Arrow UDF body: products in, vectors (or the reason there is none) out."""
+    from model.moon3_predictor import products_from_arrow
+
+    predict = _predictor(model_dir, options)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        result = predict(products_from_arrow(batch))
+        ok = result.ok
+        yield pa.RecordBatch.from_pydict(
+            {
+                "product_id": batch.column("product_id"),
+                "content_hash": batch.column("content_hash"),
+                "embedding": pa.array(
+                    [vector.tolist() if good else None for vector, good in zip(result.vectors, ok)],
+                    pa.list_(pa.float32()),
+                ),
+                "embedding_dim": pa.array([result.vectors.shape[1] if good else None for good in ok], pa.int32()),
+                "attributes": pa.array(
+                    [list(a.items()) if good else None for a, good in zip(result.attributes, ok)],
+                    pa.map_(pa.string(), pa.string()),
+                ),
+                "reasoning": pa.array(result.reasoning, pa.string()),
+                "error_code": pa.array(result.error_codes, pa.string()),
+                "error": pa.array(result.errors, pa.string()),
+            },
+            schema=UDF_OUTPUT,
+        )
+
+
+def products_to_embed(
+    spark: "SparkSession", settings: Settings, version: str, full: bool
+) -> tuple["DataFrame", "DataFrame"]:
+    """(live products, those of them without an embedding of their current content for ``version``)."""
+    from pyspark.sql import functions as F
+
+    live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
+    embeddings_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
+    if full or not _exists(embeddings_uri):
+        return live, live
+    done = (
+        delta.read(spark, embeddings_uri)
+        .where(F.col("model_version") == version)
+        .select("product_id", "content_hash")
+    )
+    return live, live.join(done, ["product_id", "content_hash"], "left_anti")
+
+
+def _exists(uri: str) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(uri)
+
+
+def embed(
+    snapshot_date: date,
+    model_dir: str,
+    settings: Settings | None = None,
+    spark: "SparkSession | None" = None,
+    *,
+    full: bool = False,
+    reasoning: bool | None = None,
+    device: str | None = None,
+    threads_per_task: int | None = None,
+) -> EmbedSummary:
+    """Embed what changed since the last run for the model at ``model_dir`` (all with ``full``)."""
+    from functools import partial
+
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from jobs.ingest import quarantine_frame
+    from moonpipe.spark_session import get_spark
+
+    settings = settings or Settings.from_env()
+    spark = spark or get_spark()
+    version = model_version(model_dir)
+    summary = EmbedSummary(snapshot_date.isoformat(), version, full)
+    emb_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
+    threads = threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
+    options = tuple(sorted({"reasoning": reasoning, "device": device, "threads": threads}.items()))
+
+    clock = time.perf_counter()
+    with stage(f"embed {snapshot_date}: select new and changed products", LOG) as record:
+        live, todo = products_to_embed(spark, settings, version, full)
+        todo = todo.select(*MODEL_COLUMNS).persist(StorageLevel.MEMORY_AND_DISK)
+        summary.live_products = live.count()
+        summary.to_embed = record.rows = todo.count()
+        summary.skipped_unchanged = summary.live_products - summary.to_embed
+    summary.seconds["select"] = round(time.perf_counter() - clock, 2)
+
+    clock = time.perf_counter()
+    with stage(f"embed {snapshot_date}: MOON3.0 {version}", LOG) as record:
+        partitions = max(1, min(spark.sparkContext.defaultParallelism, summary.to_embed))
+        outputs = (
+            todo.repartition(partitions)
+            .mapInArrow(partial(embed_batches, model_dir=model_dir, options=options), from_arrow_schema(UDF_OUTPUT))
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        record.rows = outputs.count()
+    summary.seconds["model"] = round(time.perf_counter() - clock, 2)
+
+    clock = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    with stage(f"embed {snapshot_date}: write", LOG):
+        good = outputs.where(F.col("error_code").isNull()).select(
+            "product_id",
+            F.lit(version).alias("model_version"),
+            "content_hash",
+            "embedding",
+            "embedding_dim",
+            "attributes",
+            "reasoning",
+            F.lit(snapshot_date).alias("snapshot_date"),
+            F.lit(now).alias("embedded_at"),
+        )
+        # An embed failure's quarantine row key is the xxhash64 of its product id (no source row here).
+        failed = (
+            outputs.where(F.col("error_code").isNotNull())
+            .select(F.xxhash64("product_id").alias("key"), "error_code", "error")
+            .collect()
+        )
+        reasons = {r.key: [(r.error_code, r.error)] for r in failed}
+        for r in failed:
+            summary.quarantine_reasons[r.error_code] = summary.quarantine_reasons.get(r.error_code, 0) + 1
+        keyed = todo.withColumn("source_row", F.xxhash64("product_id"))
+        quarantined = delta.write(
+            quarantine_frame(
+                spark, keyed, reasons, stage_name=STAGE, snapshot_date=snapshot_date, source_uri=settings.table_uri(PRODUCTS.name)
+            ),
+            settings.table_uri(QUARANTINE.name),
+            QUARANTINE,
+            mode="overwrite",
+            replace_where={"stage": STAGE, "snapshot_date": snapshot_date},
+            metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat()},
+        )
+        summary.quarantined = quarantined.rows_written
+        summary.quarantine_version = quarantined.version
+        summary.embedded = summary.to_embed - len(failed)
+        if summary.embedded:
+            merged = delta.merge(
+                good,
+                emb_uri,
+                PRODUCT_EMBEDDINGS,
+                delta.MergeSpec(extra_predicate=f"t.model_version = '{version}'"),
+                metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat(),
+                          "moonpipe.model_version": version},
+            )
+            summary.embedded = merged.inserted + merged.updated
+            summary.embeddings_version = merged.version
+        else:
+            summary.embeddings_version = delta.ensure_table(emb_uri, PRODUCT_EMBEDDINGS).version()
+    summary.seconds["write"] = round(time.perf_counter() - clock, 2)
+    outputs.unpersist()
+    todo.unpersist()
+
+    check_conservation(spark, settings, version, snapshot_date, summary)
+    LOG.info("embed %s: %s", snapshot_date, json.dumps(summary.as_dict()))
+    return summary
+
+
+def check_conservation(
+    spark: "SparkSession", settings: Settings, version: str, snapshot_date: date, summary: EmbedSummary
+) -> None:
+    """Every live product has an embedding of its current content for ``version`` or is quarantined
+    by this run; and this run's counts add up."""
+    from pyspark.sql import functions as F
+
+    if summary.embedded + summary.quarantined != summary.to_embed:
+        raise ConservationError(
+            f"embed {snapshot_date}: {summary.to_embed} products to embed, but {summary.embedded} embedded + "
+            f"{summary.quarantined} quarantined = {summary.embedded + summary.quarantined}"
+        )
+    _, missing = products_to_embed(spark, settings, version, full=False)
+    quarantined = (
+        delta.read(spark, settings.table_uri(QUARANTINE.name))
+        .where((F.col("stage") == STAGE) & (F.col("snapshot_date") == F.lit(snapshot_date)))
+        .select("product_id")
+    )
+    lost = missing.select("product_id").join(quarantined, "product_id", "left_anti").limit(5).collect()
+    if lost:
+        raise ConservationError(
+            f"embed {snapshot_date}: live products neither embedded for {version} nor quarantined, e.g. "
+            f"{[r.product_id for r in lost]}: rerun `moonpipe embed --date {snapshot_date}`"
+        )

@@ -164,8 +164,18 @@ def _products_source(valid: "DataFrame", snapshot_date: date) -> "DataFrame":
     )
 
 
-def _products_merge_spec(snapshot_date: date) -> delta.MergeSpec:
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _products_merge_spec(snapshot_date: date, present_but_rejected: list[str]) -> delta.MergeSpec:
+    """MERGE by id: changed rows updated (first-seen date kept), new rows inserted, and products the
+    snapshot no longer has flagged deleted. A product whose row was quarantined is still in the
+    snapshot: it keeps its last good version instead of being flagged."""
     day = snapshot_date.isoformat()
+    not_deleted = "t.is_deleted = false"
+    if present_but_rejected:
+        not_deleted += f" AND t.product_id NOT IN ({', '.join(_sql_string(i) for i in present_but_rejected)})"
     changed = (
         "t.is_deleted OR s.content_hash <> t.content_hash OR s.price IS DISTINCT FROM t.price "
         "OR s.currency IS DISTINCT FROM t.currency OR s.source IS DISTINCT FROM t.source"
@@ -181,7 +191,7 @@ def _products_merge_spec(snapshot_date: date) -> delta.MergeSpec:
             "last_changed_date": f"CAST('{day}' AS DATE)",
             "updated_at": "now()",
         },
-        not_matched_by_source_condition="t.is_deleted = false",
+        not_matched_by_source_condition=not_deleted,
     )
 
 
@@ -232,21 +242,21 @@ def quarantine_frame(
 # -- the job -----------------------------------------------------------------------------------------
 
 
-def _previous_rows(spark: "SparkSession", settings: Settings, snapshot_date: date) -> int | None:
-    """Rows of the last snapshot ingested before ``snapshot_date`` (from the products commits)."""
+def _ingested(settings: Settings) -> dict[str, int]:
+    """Snapshot dates already merged into products, with their input row counts (from the commits)."""
     uri = settings.table_uri(PRODUCTS.name)
-    try:
-        commits = delta.history(uri)
-    except FileNotFoundError:
-        return None
-    earlier = [
-        c for c in commits
-        if c.get("moonpipe.job") == "ingest" and c.get("moonpipe.snapshot_date", "") < snapshot_date.isoformat()
-    ]
-    if not earlier:
-        return None
-    latest = max(earlier, key=lambda c: c["moonpipe.snapshot_date"])
-    return int(latest["moonpipe.rows_in"])
+    if not _exists(uri):
+        return {}
+    return {
+        c["moonpipe.snapshot_date"]: int(c["moonpipe.rows_in"])
+        for c in delta.history(uri)
+        if c.get("moonpipe.job") == "ingest" and "moonpipe.rows_in" in c
+    }
+
+
+def _previous_rows(ingested: dict[str, int], snapshot_date: date) -> int | None:
+    earlier = [day for day in ingested if day < snapshot_date.isoformat()]
+    return ingested[max(earlier)] if earlier else None
 
 
 def ingest(
@@ -255,8 +265,12 @@ def ingest(
     spark: "SparkSession | None" = None,
     source_uri: str | None = None,
     limits: Any = None,
+    allow_older: bool = False,
 ) -> IngestSummary:
-    """Validate ``snapshot_date``'s snapshot and bring products and quarantine up to date with it."""
+    """Validate ``snapshot_date``'s snapshot and bring products and quarantine up to date with it.
+
+    A date older than the newest one already ingested would roll products back: refused unless
+    ``allow_older`` (e.g. rebuilding history date by date into an empty table)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -267,6 +281,13 @@ def ingest(
     spark = spark or get_spark()
     source_uri = source_uri or settings.snapshot_uri(snapshot_date.isoformat())
     summary = IngestSummary(snapshot_date.isoformat(), source_uri)
+    ingested = _ingested(settings)
+    newest = max(ingested, default=None)
+    if newest and newest > snapshot_date.isoformat() and not allow_older:
+        raise ValueError(
+            f"products already reflect snapshot {newest}, newer than {snapshot_date}: ingesting it would roll "
+            f"products back. Ingest dates in order (a rerun of {newest} is fine), or pass --allow-older"
+        )
     run_dir = f"{settings.home}/runs/ingest/{snapshot_date.isoformat()}"
     clock = time.perf_counter()
 
@@ -280,7 +301,7 @@ def ingest(
         verdict = validate_snapshot(
             rows,
             snapshot_date=snapshot_date.isoformat(),
-            previous_rows=_previous_rows(spark, settings, snapshot_date),
+            previous_rows=_previous_rows(ingested, snapshot_date),
             docs_dir=f"{run_dir}/data_docs",
             limits=limits or ValidationLimits(),
         )
@@ -294,6 +315,15 @@ def ingest(
         )
 
     bad_rows = sorted(verdict.row_reasons)
+    valid = rows.where(~F.col("source_row").isin(bad_rows)) if bad_rows else rows
+    source = _products_source(valid, snapshot_date)
+    to_merge = source.count()
+    if to_merge + len(bad_rows) != summary.rows_in:  # checked before anything is written
+        rows.unpersist()
+        raise ConservationError(
+            f"snapshot {snapshot_date}: {summary.rows_in} rows in, but {to_merge} to merge + "
+            f"{len(bad_rows)} to quarantine = {to_merge + len(bad_rows)}; nothing was written"
+        )
     for found in verdict.row_reasons.values():
         for code, _ in found:
             summary.quarantine_reasons[code] = summary.quarantine_reasons.get(code, 0) + 1
@@ -316,17 +346,20 @@ def ingest(
 
     clock = time.perf_counter()
     with stage(f"ingest {snapshot_date}: merge products", LOG) as record:
-        valid = rows.where(~F.col("source_row").isin(bad_rows)) if bad_rows else rows
         products_uri = settings.table_uri(PRODUCTS.name)
+        rejected_ids = sorted(
+            {r.product_id for r in rows.where(F.col("source_row").isin(bad_rows)).select("product_id").collect()
+             if r.product_id and r.product_id.strip()}
+        ) if bad_rows else []
         newly_deleted = 0
         if _exists(products_uri):
             live = delta.read(spark, products_uri).where("NOT is_deleted").select("product_id")
-            newly_deleted = live.join(valid.select("product_id"), "product_id", "left_anti").count()
+            newly_deleted = live.join(rows.select("product_id"), "product_id", "left_anti").count()
         merged = delta.merge(
-            _products_source(valid, snapshot_date),
-            settings.table_uri(PRODUCTS.name),
+            source,
+            products_uri,
             PRODUCTS,
-            _products_merge_spec(snapshot_date),
+            _products_merge_spec(snapshot_date, rejected_ids),
             metadata={
                 "moonpipe.job": "ingest",
                 "moonpipe.snapshot_date": snapshot_date.isoformat(),

@@ -61,7 +61,7 @@ def cmd_load_snapshot(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from jobs.ingest import ingest
 
-    _print_json(ingest(args.date, source_uri=args.source).as_dict())
+    _print_json(ingest(args.date, source_uri=args.source, allow_older=args.allow_older).as_dict())
     return 0
 
 
@@ -174,7 +174,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks.moon3_predictor import main as bench_moon3
 
         return bench_moon3(args.options)
-    raise SystemExit(f"unknown benchmark {args.what!r}: use moon3")
+    from benchmarks.catalog_pipeline import main as bench_pipeline
+
+    return bench_pipeline(args.options)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -223,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = add("ingest", cmd_ingest, "Validate a day's snapshot (Great Expectations) into products + quarantine.")
     ingest.add_argument("--date", type=_date, required=True, help="snapshot date (YYYY-MM-DD)")
     ingest.add_argument("--source", default=None, help="snapshot folder/URI (default: $MOONPIPE_SNAPSHOTS_URI/dt=DATE)")
+    ingest.add_argument("--allow-older", action="store_true", help="ingest a date older than the newest ingested")
 
     embed = add("embed", cmd_embed, "Embed new and changed products with MOON3.0 into product_embeddings.")
     embed.add_argument("--date", type=_date, required=True, help="snapshot date the products come from")
@@ -263,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--truncate", type=int, default=40, help="truncate cells to this many characters (40)")
 
     bench = add("bench", cmd_bench, "Benchmarks, measured side by side in one run (`moonpipe bench moon3 -h`).")
-    bench.add_argument("what", choices=["moon3"], help="moon3: the MOON3.0 batch predictor")
+    bench.add_argument(
+        "what", choices=["moon3", "pipeline"], help="moon3: the batch predictor; pipeline: Spark embedding vs bare model"
+    )
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     schemas = add("schemas", cmd_schemas, "Show every table's contract.")

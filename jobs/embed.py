@@ -64,6 +64,7 @@ class EmbedSummary:
     embedded: int = 0
     quarantined: int = 0
     skipped_unchanged: int = 0
+    removed_deleted: int = 0  # vectors of products the catalog deleted, taken out of the table
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     embeddings_version: int | None = None
     quarantine_version: int | None = None
@@ -124,7 +125,10 @@ def embed_batches(
 def products_to_embed(
     spark: "SparkSession", settings: Settings, version: str, full: bool
 ) -> tuple["DataFrame", "DataFrame"]:
-    """(live products, those of them without an embedding of their current content for ``version``)."""
+    """(live products, those of them without an embedding of their current content for ``version``).
+
+    The comparison runs on (product_id, content_hash) alone; the wide columns (images) are read
+    only for the products that need the model."""
     from pyspark.sql import functions as F
 
     live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
@@ -136,7 +140,8 @@ def products_to_embed(
         .where(F.col("model_version") == version)
         .select("product_id", "content_hash")
     )
-    return live, live.join(done, ["product_id", "content_hash"], "left_anti")
+    keys = live.select("product_id", "content_hash").join(done, ["product_id", "content_hash"], "left_anti")
+    return live, live.join(keys, ["product_id", "content_hash"], "left_semi")
 
 
 def _exists(uri: str) -> bool:
@@ -178,7 +183,7 @@ def embed(
     with stage(f"embed {snapshot_date}: select new and changed products", LOG) as record:
         live, todo = products_to_embed(spark, settings, version, full)
         todo = todo.select(*MODEL_COLUMNS).persist(StorageLevel.MEMORY_AND_DISK)
-        summary.live_products = live.count()
+        summary.live_products = live.select("product_id").count()
         summary.to_embed = record.rows = todo.count()
         summary.skipped_unchanged = summary.live_products - summary.to_embed
     summary.seconds["select"] = round(time.perf_counter() - clock, 2)
@@ -244,6 +249,9 @@ def embed(
             summary.embeddings_version = merged.version
         else:
             summary.embeddings_version = delta.ensure_table(emb_uri, PRODUCT_EMBEDDINGS).version()
+        removed = _remove_deleted_products(spark, settings, version, snapshot_date)
+        if removed is not None:
+            summary.removed_deleted, summary.embeddings_version = removed
     summary.seconds["write"] = round(time.perf_counter() - clock, 2)
     outputs.unpersist()
     todo.unpersist()
@@ -251,6 +259,34 @@ def embed(
     check_conservation(spark, settings, version, snapshot_date, summary)
     LOG.info("embed %s: %s", snapshot_date, json.dumps(summary.as_dict()))
     return summary
+
+
+def _remove_deleted_products(
+    spark: "SparkSession", settings: Settings, version: str, snapshot_date: date
+) -> tuple[int, int] | None:
+    """Delete this version's vectors of products the catalog has deleted, so search never serves
+    them; the products themselves stay in ``products``, flagged. Returns (removed, table version)."""
+    from pyspark.sql import functions as F
+
+    emb_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
+    deleted = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(F.col("is_deleted")).select("product_id")
+    stale = (
+        delta.read(spark, emb_uri)
+        .where(F.col("model_version") == version)
+        .join(deleted, "product_id", "left_semi")
+    )
+    if stale.limit(1).count() == 0:
+        return None
+    result = delta.merge(
+        stale,
+        emb_uri,
+        PRODUCT_EMBEDDINGS,
+        delta.MergeSpec(update=False, insert=False, delete_matched_condition="true",
+                        extra_predicate=f"t.model_version = '{version}'"),
+        metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat(),
+                  "moonpipe.model_version": version},
+    )
+    return result.deleted, result.version
 
 
 def check_conservation(

@@ -176,9 +176,10 @@ def _products_merge_spec(snapshot_date: date, present_but_rejected: list[str]) -
     not_deleted = "t.is_deleted = false"
     if present_but_rejected:
         not_deleted += f" AND t.product_id NOT IN ({', '.join(_sql_string(i) for i in present_but_rejected)})"
-    changed = (
-        "t.is_deleted OR s.content_hash <> t.content_hash OR s.price IS DISTINCT FROM t.price "
-        "OR s.currency IS DISTINCT FROM t.currency OR s.source IS DISTINCT FROM t.source"
+    # Parenthesised: DataFusion binds IS DISTINCT FROM looser than OR.
+    changed = " OR ".join(
+        ["(t.is_deleted)", "(s.content_hash <> t.content_hash)"]
+        + [f"(s.{c} IS DISTINCT FROM t.{c})" for c in ("price", "currency", "source")]
     )
     keep_first_seen = {c: f"s.{c}" for c in PRODUCTS.column_names if c not in ("product_id", "first_seen_date")}
     return delta.MergeSpec(

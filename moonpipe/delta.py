@@ -420,6 +420,7 @@ class MergeSpec:
     the source lacks (e.g. mark products deleted) instead of losing them.
     """
 
+    update: bool = True  # update matched rows (False: a delete-only or insert-only MERGE)
     update_condition: str | None = None
     update_set: Mapping[str, str] | None = None  # explicit `target column -> SQL` updates; None = all columns
     insert: bool = True
@@ -476,9 +477,9 @@ def merge(
             )
             if spec.delete_matched_condition:
                 merger = merger.when_matched_delete(predicate=spec.delete_matched_condition)
-            if spec.update_set:
+            if spec.update and spec.update_set:
                 merger = merger.when_matched_update(updates=dict(spec.update_set), predicate=spec.update_condition)
-            else:
+            elif spec.update:
                 merger = merger.when_matched_update_all(predicate=spec.update_condition)
             if spec.insert:
                 merger = merger.when_not_matched_insert_all()

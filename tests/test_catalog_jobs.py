@@ -81,6 +81,7 @@ def test_day2_embeds_only_new_and_changed_products_and_records_deletions(spark, 
     assert ingested.deleted == len(manifest["deleted"])
     assert embedded.to_embed == len(manifest["added"]) + len(content_changed)
     assert embedded.skipped_unchanged == embedded.live_products - embedded.to_embed
+    assert embedded.removed_deleted == len(manifest["deleted"])  # search never serves deleted products
     products = _products(spark, home)
     for pid in manifest["deleted"]:
         assert products[pid].is_deleted and products[pid].deleted_date == D2
@@ -200,3 +201,25 @@ def test_the_conservation_checks_fail_loudly(spark, home, models, day2, monkeypa
         check_conservation(spark, home, version, D3, EmbedSummary(D3.isoformat(), version, False))
     healed = embed(D3, models[0], home, spark)  # the next run embeds it again
     assert healed.to_embed == healed.embedded == 1
+
+
+def test_json_lines_snapshot_with_image_files(spark, tmp_path):
+    settings = Settings.from_env(home=tmp_path / "home")
+    folder = Path(settings.snapshot_uri(D1.isoformat()))
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for index, color in enumerate(("red", "green", "blue")):
+        (folder / "images" / f"p{index}.jpg").write_bytes(_image(color))
+        lines.append({"product_id": f"P{index}", "title": f"{color} mug", "category_path": "Home > Kitchen",
+                      "attributes": {"color": color}, "price": 9.5, "currency": "USD",
+                      "image_uri": f"images/p{index}.jpg", "source": "jsonl-feed"})
+    lines.append({**lines[0], "product_id": "P9", "image_uri": "images/missing.jpg"})
+    (folder / "catalog.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    summary = ingest(D1, settings, spark)
+    assert (summary.rows_in, summary.rows_valid, summary.rows_quarantined) == (4, 3, 1)
+    assert summary.quarantine_reasons == {"image_missing": 1}
+    products = _products(spark, settings)
+    assert sorted(products) == ["P0", "P1", "P2"]
+    assert products["P1"].image_bytes == (folder / "images" / "p1.jpg").read_bytes()
+    assert products["P2"].attributes == {"color": "blue"}

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-products", type=int, default=10000)
     parser.add_argument("--churn-rate", type=float, default=0.01)
     parser.add_argument("--memory-sizes", default="1000,10000")
+    parser.add_argument("--only", default="throughput,churn,memory", help="which measurements to run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -187,14 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     threads = spark.sparkContext.defaultParallelism  # the bare model gets the cores the workers share
     root = tempfile.mkdtemp(prefix="moonpipe-bench-")
     results: dict = {}
-    model = _model(root, args.model_preset)
-    results["throughput"] = throughput(spark, root, model, args.products, threads)
-    print(f"throughput ({args.model_preset}): {json.dumps(results['throughput'])}", flush=True)
-    small_model = _model(root, args.churn_preset)
-    results["churn"] = churn(spark, root, small_model, args.churn_products, args.churn_rate)
-    print(f"nightly vs full ({args.churn_preset}): {json.dumps(results['churn'])}", flush=True)
-    results["memory"] = memory(spark, root, small_model, [int(s) for s in args.memory_sizes.split(",")])
-    print(f"peak memory ({args.churn_preset}): {json.dumps(results['memory'])}", flush=True)
+    wanted = {part.strip() for part in args.only.split(",")}
+    if "throughput" in wanted:
+        model = _model(root, args.model_preset)
+        results["throughput"] = throughput(spark, root, model, args.products, threads)
+        print(f"throughput ({args.model_preset}): {json.dumps(results['throughput'])}", flush=True)
+    churn_model = _model(root, args.churn_preset)
+    if "churn" in wanted:
+        results["churn"] = churn(spark, root, churn_model, args.churn_products, args.churn_rate)
+        print(f"nightly vs full ({args.churn_preset}): {json.dumps(results['churn'])}", flush=True)
+    if "memory" in wanted:
+        results["memory"] = memory(spark, root, churn_model, [int(s) for s in args.memory_sizes.split(",")])
+        print(f"peak memory ({args.churn_preset}): {json.dumps(results['memory'])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -34,7 +34,6 @@ import pandas as pd
 from moonpipe.settings import local_path
 
 if TYPE_CHECKING:
-    import pandas as pd
     from pyspark.sql import Column, DataFrame
 
 LOG = logging.getLogger("moonpipe.jobs.catalog_validation")
@@ -131,7 +130,8 @@ def check_image(
         except Image.DecompressionBombError as error:
             return "too_large", f"image refused as a decompression bomb ({size:,} bytes): {error}", None, None
         except Exception as error:  # noqa: BLE001 - any failure on untrusted bytes means undecodable
-            return "undecodable", f"image ({size:,} bytes) cannot be opened: {type(error).__name__}: {error}", None, None
+            message = f"image ({size:,} bytes) cannot be opened: {type(error).__name__}: {error}"
+            return "undecodable", message, None, None
         with image:
             width, height = image.size
             pixels = width * height
@@ -147,8 +147,10 @@ def check_image(
             except Exception as error:  # noqa: BLE001
                 return (
                     "undecodable",
-                    f"{image.format or 'image'} {width}x{height} ({size:,} bytes) cannot be decoded fully: "
-                    f"{type(error).__name__}: {error}",
+                    (
+                        f"{image.format or 'image'} {width}x{height} ({size:,} bytes) cannot be decoded fully: "
+                        f"{type(error).__name__}: {error}"
+                    ),
                     width,
                     height,
                 )
@@ -162,7 +164,7 @@ def check_image(
     return "ok", None, width, height
 
 
-def _image_checker(limits: ValidationLimits) -> Callable[..., "Column"]:
+def _image_checker(limits: ValidationLimits) -> Callable[..., Column]:
     """A pandas UDF running ``check_image`` on the executors: images never travel to the driver."""
     from pyspark.sql import functions as F
 
@@ -182,7 +184,7 @@ def _image_checker(limits: ValidationLimits) -> Callable[..., "Column"]:
     return check
 
 
-def annotate(df: "DataFrame", limits: ValidationLimits) -> "DataFrame":
+def annotate(df: DataFrame, limits: ValidationLimits) -> DataFrame:
     """``df`` plus the helper columns the GX rules read, all computed on the executors.
 
     image_status ('ok' | 'missing' | 'undecodable' | 'too_large' | 'too_small'), image_error (the
@@ -236,7 +238,7 @@ class _RowRule:
     name: str
     code: str
     expectation: Any
-    violated: Callable[[], "Column"]
+    violated: Callable[[], Column]
     message: Callable[[Any, dict[str, Any]], str]
 
 
@@ -244,7 +246,7 @@ def _row_rules(limits: ValidationLimits) -> list[_RowRule]:
     import great_expectations.expectations as gxe
     from pyspark.sql import functions as F
 
-    def col(name: str) -> "Column":
+    def col(name: str) -> Column:
         return F.col(name)
 
     def meta(name: str, code: str) -> dict[str, str]:
@@ -270,7 +272,7 @@ def _row_rules(limits: ValidationLimits) -> list[_RowRule]:
             "id_unique", "duplicate_id",
             gxe.ExpectColumnValuesToBeBetween(column="id_count", min_value=1, max_value=1,
                                               meta=meta("id_unique", "duplicate_id"),
-                                              notes="Every row of a repeated product_id is rejected: we cannot tell which is right."),
+                                              notes="All rows of a repeated product_id are rejected: which is right?"),
             lambda: col("id_count") > 1,
             lambda v, r: (f"product_id {_quoted(r.get('product_id'))} appears on {v} rows; ids must be unique "
                           "and it is unclear which row is right, so all of them are rejected"),
@@ -320,7 +322,7 @@ def _row_rules(limits: ValidationLimits) -> list[_RowRule]:
             "image_ok", "image_*",  # the code is image_<status>, from the value GX reports
             gxe.ExpectColumnValuesToBeInSet(column="image_status", value_set=["ok"],
                                             meta=meta("image_ok", "image_<status>"),
-                                            notes="image_status comes from decoding each image with PIL on the executors."),
+                                            notes="image_status: each image decoded with PIL on the executors."),
             lambda: col("image_status") != "ok",
             lambda v, r: r.get("image_error") or f"image is {v}",
         ),
@@ -419,7 +421,7 @@ def _publish_docs(local_dir: str, remote: str | None) -> str:
 
 
 def validate_snapshot(
-    df: "DataFrame",
+    df: DataFrame,
     *,
     snapshot_date: str,
     previous_rows: int | None,
@@ -439,6 +441,7 @@ def validate_snapshot(
     rows = annotate(df, limits).select(*GX_COLUMNS).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         row_count = rows.count()  # materialises the cache: images are decoded once, here
+        gx_started = time.perf_counter()
         min_rows = max(1, math.ceil(round(previous_rows * limits.min_row_ratio, 9))) if previous_rows else 1
         rules = _row_rules(limits)
         site_dir, remote = _docs_target(docs_dir)
@@ -467,7 +470,7 @@ def validate_snapshot(
                 _raise_on_errors(results[suite_name])
             context.build_data_docs(site_names=["run"])
         docs_index = _publish_docs(site_dir, remote)
-        gx_seconds = time.perf_counter() - started
+        gx_seconds = time.perf_counter() - gx_started
 
         failures = _row_failures(results["catalog_snapshot_rows"], rules)
         _cross_check(rows, rules, failures)
@@ -515,10 +518,12 @@ def _row_failures(result: Any, rules: list[_RowRule]) -> dict[str, list[tuple[in
         found = item.result.get("unexpected_index_list") or []
         column = item.expectation_config.kwargs["column"]
         failures[name] = [(int(entry["source_row"]), entry.get(column)) for entry in found]
-        if item.result.get("unexpected_count", 0) != len(found):
+        counted = item.result.get("unexpected_count")
+        if counted is None and not item.result.get("element_count"):
+            counted = 0  # GX reports no counts at all for an empty batch
+        if counted != len(found):
             raise ValidationDisagreement(
-                f"rule {rule.name} ({rule.code}): GX counted {item.result.get('unexpected_count')} unexpected "
-                f"rows but listed {len(found)} of them"
+                f"rule {rule.name} ({rule.code}): GX counted {counted} unexpected rows but listed {len(found)} of them"
             )
     missing = set(by_name) - set(failures)
     if missing:
@@ -526,7 +531,7 @@ def _row_failures(result: Any, rules: list[_RowRule]) -> dict[str, list[tuple[in
     return failures
 
 
-def _cross_check(rows: "DataFrame", rules: list[_RowRule], failures: dict[str, list[tuple[int, Any]]]) -> None:
+def _cross_check(rows: DataFrame, rules: list[_RowRule], failures: dict[str, list[tuple[int, Any]]]) -> None:
     """Count each rule's failures with Spark, in one pass; any difference from GX means a broken rule."""
     from pyspark.sql import functions as F
 
@@ -550,7 +555,7 @@ def _cross_check(rows: "DataFrame", rules: list[_RowRule], failures: dict[str, l
         raise ValidationDisagreement("GX and Spark disagree on failing rows: " + "; ".join(wrong))
 
 
-def _failing_context(rows: "DataFrame", failing: set[int]) -> dict[int, dict[str, Any]]:
+def _failing_context(rows: DataFrame, failing: set[int]) -> dict[int, dict[str, Any]]:
     """product_id, raw price and image message of the failing rows only, for their messages."""
     from pyspark.sql import functions as F
 
@@ -577,7 +582,7 @@ def _row_reasons(
     return dict(sorted(reasons.items()))
 
 
-def _cross_check_total(rows: "DataFrame", rules: list[_RowRule], reasons: dict[int, list[tuple[str, str]]]) -> None:
+def _cross_check_total(rows: DataFrame, rules: list[_RowRule], reasons: dict[int, list[tuple[str, str]]]) -> None:
     from functools import reduce
 
     any_violated = reduce(lambda a, b: a | b, [rule.violated() for rule in rules])
@@ -621,11 +626,11 @@ def _batch_verdict(
                 )
         elif rule == "duplicate_rate":
             duplicate_rate = float(observed or 0.0)
-            if not item.success:
+            if not item.success and observed is not None:  # None: no rows, which row_count reports
                 failures.append(
                     f"snapshot {snapshot_date}: {duplicate_rows} rows ({duplicate_rate:.1%}) share their product_id "
-                    f"with another row, over the {limits.max_duplicate_rate:.1%} limit: the export likely repeated rows or ids "
-                    f"were reused. Fix the export so that ids are unique, or raise max_duplicate_rate if this is "
-                    f"expected"
+                    f"with another row, over the {limits.max_duplicate_rate:.1%} limit: the export likely repeated "
+                    f"rows or ids were reused. Fix the export so that ids are unique, or raise max_duplicate_rate "
+                    f"if this is expected"
                 )
     return not failures, failures, duplicate_rate

@@ -223,3 +223,30 @@ def test_json_lines_snapshot_with_image_files(spark, tmp_path):
     assert sorted(products) == ["P0", "P1", "P2"]
     assert products["P1"].image_bytes == (folder / "images" / "p1.jpg").read_bytes()
     assert products["P2"].attributes == {"color": "blue"}
+
+
+def test_a_run_killed_midway_completes_on_rerun_without_duplicates(spark, tmp_path, models, monkeypatch):
+    import jobs.embed as embed_module
+    import jobs.ingest as ingest_module
+
+    settings = Settings.from_env(home=tmp_path / "home")
+    build_sample_snapshots(settings.snapshots_uri, settings.raw_data_dir, D1, days=1, fashion_items=10)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("worker lost (simulated crash)")
+
+    monkeypatch.setattr(ingest_module.delta, "merge", killed)  # dies after writing quarantine
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest(D1, settings, spark)
+    monkeypatch.undo()
+    ingested = ingest(D1, settings, spark)
+    assert ingested.inserted == ingested.rows_valid == 64
+
+    monkeypatch.setattr(embed_module.delta, "merge", killed)  # dies after the model ran
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embed(D1, models[0], settings, spark)
+    monkeypatch.undo()
+    embedded = embed(D1, models[0], settings, spark)
+    assert embedded.to_embed == embedded.embedded == 64
+    vectors = delta.read(spark, settings.table_uri("product_embeddings"))
+    assert vectors.count() == vectors.select("product_id").distinct().count() == 64

@@ -74,7 +74,10 @@ PLANTED: dict[int, tuple[dict, list[str]]] = {
     107: ({"price": None}, ["missing_price"]),
     108: ({"title": ""}, ["empty_title"]),
     109: ({"title": "x" * 600}, ["title_too_long"]),
-    110: ({"image_bytes": None, "image_uri": "img/gone.png", "image_load_error": MISSING_FILE_ERROR}, ["image_missing"]),
+    110: (
+        {"image_bytes": None, "image_uri": "img/gone.png", "image_load_error": MISSING_FILE_ERROR},
+        ["image_missing"],
+    ),
     111: ({"image_bytes": _image((1, 1))}, ["image_too_small"]),
     112: ({"title": " \t", "price": -1.25}, ["empty_title", "negative_price"]),
     113: ({"price": float("nan"), "description": "d" * 20_001}, ["description_too_long", "missing_price"]),
@@ -139,8 +142,10 @@ def test_row_count_collapse_fails_the_batch(snapshot, tmp_path):
     result = validate_snapshot(snapshot, snapshot_date="2026-11-02", previous_rows=200, docs_dir=str(tmp_path))
     assert not result.batch_ok
     assert result.batch_failures == [
-        f"snapshot 2026-11-02 has {rows} rows, fewer than 50% of the previous snapshot's 200 (at least 100 "
-        "expected): a partial export? Re-export it, or lower min_row_ratio if the catalog really shrank"
+        (
+            f"snapshot 2026-11-02 has {rows} rows, fewer than 50% of the previous snapshot's 200 (at least 100 "
+            "expected): a partial export? Re-export it, or lower min_row_ratio if the catalog really shrank"
+        )
     ]
     assert len(result.row_reasons) == len(PLANTED)  # row verdicts are still reported
 
@@ -172,16 +177,24 @@ def test_clean_batch_passes(spark, tmp_path):
     assert (tmp_path / "docs" / "index.html").is_file()
 
 
+def test_empty_snapshot_fails_the_batch(spark, tmp_path):
+    result = validate_snapshot(_frame(spark, []), snapshot_date="2026-11-06", previous_rows=None, docs_dir=str(tmp_path))
+    assert result.row_reasons == {} and not result.batch_ok
+    assert result.batch_failures == ["snapshot 2026-11-06 has 0 rows: an empty or failed export? Re-export it"]
+
+
 def test_a_rule_where_gx_and_spark_disagree_raises(spark, tmp_path, monkeypatch):
     from pyspark.sql import functions as F
 
     original = cv._row_rules
 
     def broken(limits):
-        rules = original(limits)
         # the Spark side of price_not_negative now counts zero prices too: the two engines disagree
-        rules[7] = dataclasses.replace(rules[7], violated=lambda: F.col("price_value") <= 0)
-        return rules
+        return [
+            dataclasses.replace(rule, violated=lambda: F.col("price_value") <= 0)
+            if rule.name == "price_not_negative" else rule
+            for rule in original(limits)
+        ]
 
     monkeypatch.setattr(cv, "_row_rules", broken)
     frame = _frame(spark, [_row(0, price=0.0), _row(1, price=-1.0), _row(2)])

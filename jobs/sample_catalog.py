@@ -53,6 +53,7 @@ from jobs.sample_sources import (
 )
 from moonpipe.progress import stage
 from moonpipe.settings import local_path
+from moonpipe.storage import sha256_file
 from schemas.tables import CATALOG_SNAPSHOT
 
 log = logging.getLogger("moonpipe.jobs.sample_catalog")
@@ -527,14 +528,6 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _reusable(folder: Path, parameters: dict, snapshot_date: datetime.date) -> dict | None:
     """The day's manifest, when the folder holds a complete snapshot built with ``parameters``."""
     manifest_path, parquet_path = folder / MANIFEST_FILE, folder / SNAPSHOT_FILE
@@ -546,7 +539,7 @@ def _reusable(folder: Path, parameters: dict, snapshot_date: datetime.date) -> d
         return None
     if manifest.get("parameters") != parameters or manifest.get("snapshot_date") != snapshot_date.isoformat():
         return None
-    if manifest.get("parquet", {}).get("sha256") != _sha256_file(parquet_path):
+    if manifest.get("parquet", {}).get("sha256") != sha256_file(parquet_path):
         return None  # replaced or damaged since: rebuild
     return manifest
 
@@ -634,7 +627,7 @@ def build_sample_snapshots(
                     "parquet": {
                         "file": SNAPSHOT_FILE,
                         "bytes": (folder / SNAPSHOT_FILE).stat().st_size,
-                        "sha256": _sha256_file(folder / SNAPSHOT_FILE),
+                        "sha256": sha256_file(folder / SNAPSHOT_FILE),
                     },
                     "counts": {
                         "added": len(result.added),

@@ -28,6 +28,7 @@ import torch
 from model.backbone import PRESETS, add_pipeline_tokens, build_preset, load_local
 from model.moon3 import Moon3Model
 from model.moon3_config import Moon3Config
+from moonpipe.storage import sha256_file
 
 CHECKPOINT_FORMAT = 1
 _MANIFEST = "checkpoint.json"
@@ -50,14 +51,6 @@ def build_model(config: Moon3Config, dtype: torch.dtype | None = None, device: s
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _head_state(model: Moon3Model) -> dict[str, torch.Tensor]:
@@ -85,7 +78,7 @@ def save_checkpoint(model: Moon3Model, directory: str | Path, parent_version: st
         save_file(_head_state(model), str(staging / "heads.safetensors"))
         (staging / "moon3_config.json").write_text(model.config.to_json())
         files = {
-            str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
         }
         weights = sorted(h for name, h in files.items() if name.endswith(".safetensors"))
         version = "moon3-" + hashlib.sha256("".join(weights).encode()).hexdigest()[:12]
@@ -126,7 +119,7 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
         path = root / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {root} is incomplete: {name} is missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(f"checkpoint {root} is corrupt: {name} does not match its recorded SHA-256")
     return manifest
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pyarrow.fs as pafs
 
 
@@ -25,3 +28,12 @@ def list_files(uri: str, suffix: str) -> list[str]:
         for info in infos
         if info.is_file and info.base_name.endswith(suffix) and not info.base_name.startswith(("_", "."))
     )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a local file, read in 1 MiB blocks (checkpoints and snapshots record these)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -133,7 +133,7 @@ def products_to_embed(
 
     live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
     embeddings_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
-    if full or not _exists(embeddings_uri):
+    if full or not delta.exists(embeddings_uri):
         return live, live
     done = (
         delta.read(spark, embeddings_uri)
@@ -142,12 +142,6 @@ def products_to_embed(
     )
     keys = live.select("product_id", "content_hash").join(done, ["product_id", "content_hash"], "left_anti")
     return live, live.join(keys, ["product_id", "content_hash"], "left_semi")
-
-
-def _exists(uri: str) -> bool:
-    from deltalake import DeltaTable
-
-    return DeltaTable.is_deltatable(uri)
 
 
 def embed(

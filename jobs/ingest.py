@@ -246,7 +246,7 @@ def quarantine_frame(
 def _ingested(settings: Settings) -> dict[str, int]:
     """Snapshot dates already merged into products, with their input row counts (from the commits)."""
     uri = settings.table_uri(PRODUCTS.name)
-    if not _exists(uri):
+    if not delta.exists(uri):
         return {}
     return {
         c["moonpipe.snapshot_date"]: int(c["moonpipe.rows_in"])
@@ -353,7 +353,7 @@ def ingest(
              if r.product_id and r.product_id.strip()}
         ) if bad_rows else []
         newly_deleted = 0
-        if _exists(products_uri):
+        if delta.exists(products_uri):
             live = delta.read(spark, products_uri).where("NOT is_deleted").select("product_id")
             newly_deleted = live.join(rows.select("product_id"), "product_id", "left_anti").count()
         merged = delta.merge(
@@ -384,12 +384,6 @@ def ingest(
     _write_run_summary(run_dir, summary)
     LOG.info("ingest %s: %s", snapshot_date, json.dumps(summary.as_dict()))
     return summary
-
-
-def _exists(table_uri: str) -> bool:
-    from deltalake import DeltaTable
-
-    return DeltaTable.is_deltatable(table_uri)
 
 
 def _write_run_summary(run_dir: str, summary: IngestSummary) -> None:

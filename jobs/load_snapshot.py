@@ -1,6 +1,6 @@
 """Load one dated catalog snapshot into the raw ``catalog_snapshots`` Delta table.
 
-Reader -> (schema check against the catalog_snapshot contract) -> writer that replaces the
+Reader (the ingest job's: Parquet or JSON Lines, contract checked) -> writer that replaces the
 date's partition in one commit, so a rerun or a backfill of the same date leaves the same table.
 Row-level validation (Great Expectations, quarantine) belongs to the ingest job that reads it.
 """
@@ -13,14 +13,13 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from moonpipe import delta, storage
+from moonpipe import delta
 from moonpipe.progress import stage
 from moonpipe.settings import Settings
-from schemas.contract import ContractViolation
 from schemas.tables import CATALOG_SNAPSHOT, CATALOG_SNAPSHOTS
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import SparkSession
 
 LOG = logging.getLogger("moonpipe.jobs.load_snapshot")
 
@@ -39,33 +38,13 @@ class LoadSummary:
         return asdict(self)
 
 
-def snapshot_files(snapshot_uri: str) -> list[str]:
-    """The snapshot's Parquet files; a clear error when there are none."""
-    files = storage.list_files(snapshot_uri, ".parquet")
-    if not files:
-        raise FileNotFoundError(
-            f"no catalog snapshot at {snapshot_uri}: expected Parquet files there "
-            f"(build the samples with `moonpipe snapshots build`, or check the date)"
-        )
-    return files
-
-
-def read_snapshot(spark: "SparkSession", snapshot_uri: str) -> "DataFrame":
-    """The snapshot's rows; a clear error if the folder is missing or breaks the input contract."""
-    frame = spark.read.parquet(*snapshot_files(snapshot_uri))
-    try:
-        CATALOG_SNAPSHOT.check_spark_schema(frame.schema)
-    except ContractViolation as error:
-        raise ContractViolation(f"snapshot {snapshot_uri}: {error}") from None
-    return frame
-
-
 def load_snapshot(
     snapshot_date: date, settings: Settings | None = None, spark: "SparkSession | None" = None
 ) -> LoadSummary:
     """Replace ``snapshot_date``'s partition of catalog_snapshots with that day's snapshot."""
     from pyspark.sql import functions as F
 
+    from jobs.ingest import read_snapshot
     from moonpipe.spark_session import get_spark
 
     settings = settings or Settings.from_env()

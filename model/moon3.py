@@ -253,6 +253,19 @@ class Moon3Model(nn.Module):
         )
         return positions
 
+    def _image_inputs(self, input_ids, vision, image_grid_thw, rope=None) -> dict[str, Any]:
+        """The backbone's image arguments: the precomputed vision outputs, and either the 3D
+        positions or what transformers needs to derive them (the grid and the image-token types)."""
+        if vision is None:
+            return {"position_ids": rope} if rope is not None else {}
+        inputs: dict[str, Any] = {"mm_encoder_outputs": {"image": vision}}
+        if rope is not None:
+            inputs["position_ids"] = rope
+        else:
+            inputs["image_grid_thw"] = image_grid_thw
+            inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).int()
+        return inputs
+
     def _llm_states(
         self, input_ids, attention_mask, vision, features, image_grid_thw, image_positions=None, rope=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,18 +275,12 @@ class Moon3Model(nn.Module):
         grid and the image-token types.
         """
         raw = self._raw_states(input_ids, vision)
-        multimodal: dict[str, torch.Tensor] = {}
-        if rope is not None:
-            multimodal["position_ids"] = rope
-        elif vision is not None:
-            multimodal = {"image_grid_thw": image_grid_thw, "mm_token_type_ids": (input_ids == self.image_token_id).int()}
         with self._injecting(input_ids, features, image_positions):
             out = self.backbone.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                mm_encoder_outputs={"image": vision} if vision is not None else None,
                 use_cache=False,
-                **multimodal,
+                **self._image_inputs(input_ids, vision, image_grid_thw, rope),
             )
         return out.last_hidden_state, raw
 
@@ -342,10 +349,7 @@ class Moon3Model(nn.Module):
             generated = self.backbone.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                mm_encoder_outputs={"image": vision} if vision is not None else None,
-                # with the grid and token types, transformers gives the image tokens 3D positions
-                image_grid_thw=image_grid_thw,
-                mm_token_type_ids=(input_ids == self.image_token_id).int(),
+                **self._image_inputs(input_ids, vision, image_grid_thw),
                 max_new_tokens=budget,
                 do_sample=False,
                 eos_token_id=[self.think_end_id, self.tokenizer.eos_token_id],

@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 
 STAGING_DIR = "_moonpipe_staging"  # Delta readers ignore folders starting with "_"
 _MERGE_RETRIES = 8
-_FILE_RECORD_SCHEMA = (
-    "path string, size long, partition_values string, modification_time long, num_records long, stats string"
-)
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 
@@ -89,12 +86,17 @@ def open_table(uri: str, version: int | None = None, as_of: datetime | str | Non
     return table
 
 
+def exists(uri: str) -> bool:
+    """Whether a Delta table is at ``uri``."""
+    return DeltaTable.is_deltatable(uri)
+
+
 def ensure_table(uri: str, contract: TableContract) -> DeltaTable:
     """Open the table at ``uri``, creating it empty from its contract if it does not exist yet.
 
     An existing table must still hold every contract column with the contract's type.
     """
-    if DeltaTable.is_deltatable(uri):
+    if exists(uri):
         table = DeltaTable(uri)
         contract.check_schema(table_arrow_schema(table))
         return table
@@ -350,6 +352,8 @@ def _spark_error_message(error: Exception) -> str | None:
 
 
 def _write_spark_files(df: "DataFrame", table_uri: str, contract: TableContract, subdir: str) -> list[dict]:
+    from pyspark.sql.pandas.types import from_arrow_schema
+
     contract.check_spark_schema(df.schema)  # fail on the driver, before any task runs
     partition_by = tuple(contract.partition_by) if not subdir else ()
 
@@ -357,7 +361,8 @@ def _write_spark_files(df: "DataFrame", table_uri: str, contract: TableContract,
         yield from write_files(batches, table_uri, contract, partition_by, subdir)
 
     try:
-        return [row.asDict() for row in df.mapInArrow(write_partition, _FILE_RECORD_SCHEMA).collect()]
+        records = df.mapInArrow(write_partition, from_arrow_schema(_FILE_RECORD))
+        return [row.asDict() for row in records.collect()]
     except Exception as error:
         message = _spark_error_message(error)
         if message:
@@ -553,7 +558,7 @@ def register_views(spark: "SparkSession", tables: Mapping[str, str]) -> list[str
     snapshots); returns the names registered. Missing tables are skipped."""
     registered = []
     for name, uri in tables.items():
-        if DeltaTable.is_deltatable(uri):
+        if exists(uri):
             read(spark, uri).createOrReplaceTempView(name)
             registered.append(name)
     return registered

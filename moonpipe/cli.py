@@ -7,7 +7,9 @@ command imports what it needs (Spark, Delta, torch) when it runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date
@@ -273,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     schemas = add("schemas", cmd_schemas, "Show every table's contract.")
     schemas.add_argument("--markdown", action="store_true", help="print docs/tables.md")
+
+    import moonpipe.commands
+
+    for module_info in sorted(pkgutil.iter_modules(moonpipe.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"moonpipe.commands.{module_info.name}").register(add)
     return parser
 
 

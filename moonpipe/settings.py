@@ -35,6 +35,13 @@ class Settings:
     tmp_dir: str
     spark_profile: str
     moon3_model: str
+    # FAISS index versions (one folder per build plus a CURRENT pointer) of the search teams.
+    index_uri: str
+    # Model checkpoints: candidates written by training, the production one named in model_registry.
+    models_dir: str
+    creative_model: str
+    # Run outputs for people: Data Docs, evaluation reports, plots.
+    reports_dir: str
 
     @classmethod
     def from_env(cls, home: str | os.PathLike[str] | None = None) -> "Settings":
@@ -48,6 +55,10 @@ class Settings:
             tmp_dir=os.environ.get("MOONPIPE_TMP", f"{base}/tmp"),
             spark_profile=os.environ.get("MOONPIPE_SPARK_PROFILE", "local"),
             moon3_model=os.environ.get("MOONPIPE_MOON3_MODEL", f"{base}/models/moon3/bootstrap"),
+            index_uri=os.environ.get("MOONPIPE_INDEX_URI", f"{base}/indexes").rstrip("/"),
+            models_dir=os.environ.get("MOONPIPE_MODELS", f"{base}/models").rstrip("/"),
+            creative_model=os.environ.get("MOONPIPE_CREATIVE_MODEL", f"{base}/models/creative4u/bootstrap"),
+            reports_dir=os.environ.get("MOONPIPE_REPORTS", f"{base}/reports").rstrip("/"),
         )
 
     def table_uri(self, table: str) -> str:

@@ -125,23 +125,28 @@ def embed_batches(
 def products_to_embed(
     spark: "SparkSession", settings: Settings, version: str, full: bool
 ) -> tuple["DataFrame", "DataFrame"]:
-    """(live products, those of them without an embedding of their current content for ``version``).
+    """(keys, todo): every live product's (product_id, content_hash, needs_embedding), and the live
+    products that need the model — no embedding of their current content for ``version``.
 
-    The comparison runs on (product_id, content_hash) alone; the wide columns (images) are read
-    only for the products that need the model."""
+    The comparison runs on the narrow keys alone; the wide columns (images) are read only when
+    the model runs, for the products it needs."""
     from pyspark.sql import functions as F
 
     live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
+    live_keys = live.select("product_id", "content_hash")
     embeddings_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
     if full or not delta.exists(embeddings_uri):
-        return live, live
+        return live_keys.withColumn("needs_embedding", F.lit(True)), live
     done = (
         delta.read(spark, embeddings_uri)
         .where(F.col("model_version") == version)
-        .select("product_id", "content_hash")
+        .select("product_id", "content_hash", F.lit(True).alias("embedded"))
     )
-    keys = live.select("product_id", "content_hash").join(done, ["product_id", "content_hash"], "left_anti")
-    return live, live.join(keys, ["product_id", "content_hash"], "left_semi")
+    keys = live_keys.join(done, ["product_id", "content_hash"], "left").select(
+        "product_id", "content_hash", F.col("embedded").isNull().alias("needs_embedding")
+    )
+    needed = keys.where("needs_embedding").select("product_id", "content_hash")
+    return keys, live.join(needed, ["product_id", "content_hash"], "left_semi")
 
 
 def embed(
@@ -162,7 +167,6 @@ def embed(
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from jobs.ingest import quarantine_frame
     from moonpipe.spark_session import get_spark
 
     settings = settings or Settings.from_env()
@@ -175,21 +179,27 @@ def embed(
 
     clock = time.perf_counter()
     with stage(f"embed {snapshot_date}: select new and changed products", LOG) as record:
-        live, todo = products_to_embed(spark, settings, version, full)
-        todo = todo.select(*MODEL_COLUMNS).persist(StorageLevel.MEMORY_AND_DISK)
-        summary.live_products = live.select("product_id").count()
-        summary.to_embed = record.rows = todo.count()
+        keys, todo = products_to_embed(spark, settings, version, full)
+        todo = todo.select(*MODEL_COLUMNS)
+        # Both counts in one narrow pass: a nightly run's cost should follow its churn, not the catalog.
+        counts = keys.agg(F.count("*").alias("live"), F.sum(F.col("needs_embedding").cast("long")).alias("todo"))
+        row = counts.first()
+        summary.live_products, summary.to_embed = row["live"], row["todo"] or 0
+        record.rows = summary.to_embed
         summary.skipped_unchanged = summary.live_products - summary.to_embed
     summary.seconds["select"] = round(time.perf_counter() - clock, 2)
 
     clock = time.perf_counter()
     with stage(f"embed {snapshot_date}: MOON3.0 {version}", LOG) as record:
-        partitions = max(1, min(spark.sparkContext.defaultParallelism, summary.to_embed))
-        outputs = (
-            todo.repartition(partitions)
-            .mapInArrow(partial(embed_batches, model_dir=model_dir, options=options), from_arrow_schema(UDF_OUTPUT))
-            .persist(StorageLevel.MEMORY_AND_DISK)
-        )
+        if summary.to_embed == 0:  # nothing changed: no model, no scan of the wide columns
+            outputs = spark.createDataFrame([], from_arrow_schema(UDF_OUTPUT))
+        else:
+            partitions = max(1, min(spark.sparkContext.defaultParallelism, summary.to_embed))
+            outputs = (
+                todo.repartition(partitions)
+                .mapInArrow(partial(embed_batches, model_dir=model_dir, options=options), from_arrow_schema(UDF_OUTPUT))
+                .persist(StorageLevel.MEMORY_AND_DISK)
+            )
         record.rows = outputs.count()
     summary.seconds["model"] = round(time.perf_counter() - clock, 2)
 
@@ -213,22 +223,12 @@ def embed(
             .select(F.xxhash64("product_id").alias("key"), "error_code", "error")
             .collect()
         )
-        reasons = {r.key: [(r.error_code, r.error)] for r in failed}
         for r in failed:
             summary.quarantine_reasons[r.error_code] = summary.quarantine_reasons.get(r.error_code, 0) + 1
-        keyed = todo.withColumn("source_row", F.xxhash64("product_id"))
-        quarantined = delta.write(
-            quarantine_frame(
-                spark, keyed, reasons, stage_name=STAGE, snapshot_date=snapshot_date, source_uri=settings.table_uri(PRODUCTS.name)
-            ),
-            settings.table_uri(QUARANTINE.name),
-            QUARANTINE,
-            mode="overwrite",
-            replace_where={"stage": STAGE, "snapshot_date": snapshot_date},
-            metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat()},
-        )
-        summary.quarantined = quarantined.rows_written
-        summary.quarantine_version = quarantined.version
+        quarantined = _write_quarantine(spark, settings, todo, failed, snapshot_date)
+        if quarantined is not None:
+            summary.quarantined = quarantined.rows_written
+            summary.quarantine_version = quarantined.version
         summary.embedded = summary.to_embed - len(failed)
         if summary.embedded:
             merged = delta.merge(
@@ -248,11 +248,50 @@ def embed(
             summary.removed_deleted, summary.embeddings_version = removed
     summary.seconds["write"] = round(time.perf_counter() - clock, 2)
     outputs.unpersist()
-    todo.unpersist()
 
+    clock = time.perf_counter()
     check_conservation(spark, settings, version, snapshot_date, summary)
+    summary.seconds["check"] = round(time.perf_counter() - clock, 2)
     LOG.info("embed %s: %s", snapshot_date, json.dumps(summary.as_dict()))
     return summary
+
+
+def _write_quarantine(
+    spark: "SparkSession", settings: Settings, todo: "DataFrame", failed: list, snapshot_date: date
+) -> "delta.WriteResult | None":
+    """Replace this date's embed quarantine with ``failed`` (rows of key, error_code, error).
+
+    Rows the model rejected are re-read from ``todo`` for their raw content. With nothing to
+    quarantine and nothing there from an earlier run of the date, no commit is made at all."""
+    from pyspark.sql import functions as F
+
+    from jobs.ingest import quarantine_frame
+
+    uri = settings.table_uri(QUARANTINE.name)
+    options = dict(
+        mode="overwrite",
+        replace_where={"stage": STAGE, "snapshot_date": snapshot_date},
+        metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat()},
+    )
+    if not failed:
+        if not _has_partition(uri, snapshot_date):
+            return None
+        return delta.write(QUARANTINE.empty_arrow(), uri, QUARANTINE, **options)
+    reasons = {r.key: [(r.error_code, r.error)] for r in failed}
+    rows = todo.withColumn("source_row", F.xxhash64("product_id"))
+    frame = quarantine_frame(
+        spark, rows, reasons, stage_name=STAGE, snapshot_date=snapshot_date, source_uri=settings.table_uri(PRODUCTS.name)
+    )
+    return delta.write(frame, uri, QUARANTINE, **options)
+
+
+def _has_partition(quarantine_uri: str, snapshot_date: date) -> bool:
+    if not delta.exists(quarantine_uri):
+        return False
+    files = delta.file_actions(quarantine_uri)
+    stages = files.column("partition.stage").to_pylist()
+    dates = [str(d) for d in files.column("partition.snapshot_date").to_pylist()]
+    return any(s == STAGE and d == snapshot_date.isoformat() for s, d in zip(stages, dates))
 
 
 def _remove_deleted_products(
@@ -295,13 +334,17 @@ def check_conservation(
             f"embed {snapshot_date}: {summary.to_embed} products to embed, but {summary.embedded} embedded + "
             f"{summary.quarantined} quarantined = {summary.embedded + summary.quarantined}"
         )
-    _, missing = products_to_embed(spark, settings, version, full=False)
-    quarantined = (
-        delta.read(spark, settings.table_uri(QUARANTINE.name))
-        .where((F.col("stage") == STAGE) & (F.col("snapshot_date") == F.lit(snapshot_date)))
-        .select("product_id")
-    )
-    lost = missing.select("product_id").join(quarantined, "product_id", "left_anti").limit(5).collect()
+    keys, _ = products_to_embed(spark, settings, version, full=False)
+    missing = keys.where("needs_embedding").select("product_id")
+    quarantine_uri = settings.table_uri(QUARANTINE.name)
+    if _has_partition(quarantine_uri, snapshot_date):
+        quarantined = (
+            delta.read(spark, quarantine_uri)
+            .where((F.col("stage") == STAGE) & (F.col("snapshot_date") == F.lit(snapshot_date)))
+            .select("product_id")
+        )
+        missing = missing.join(quarantined, "product_id", "left_anti")
+    lost = missing.limit(5).collect()
     if lost:
         raise ConservationError(
             f"embed {snapshot_date}: live products neither embedded for {version} nor quarantined, e.g. "

@@ -263,6 +263,69 @@ MODEL_REGISTRY = TableContract(
     ),
 )
 
+TRAINING_PRODUCTS = TableContract(
+    name="training_products",
+    doc=(
+        "The product corpus that training and offline evaluation read (jobs/training_data.py): live "
+        "catalog products plus the Fashion-MNIST train/test images, each with a split fixed by its "
+        "product id (`test` = Fashion-MNIST's test split, held out). MERGEd by `product_id`."
+    ),
+    key=("product_id",),
+    partition_by=("split",),
+    columns=(
+        C("product_id", "string", nullable=False, doc="Product id (catalog id, or `FM-TR-nnnnn` / `FM-T-nnnnn`)."),
+        C("split", "string", nullable=False, doc="`train`, `validation` or `test`; a function of the product id."),
+        C("source", "string", nullable=False, doc="`catalog` or `fashion-mnist`."),
+        C("title", "string", nullable=False, doc="Product title."),
+        C("description", "string", doc="Free-text description."),
+        C("category", "string", nullable=False, doc="Leaf category: the label kNN accuracy is measured on."),
+        C("category_path", "string", doc="Category tree, root first, joined by ` > `."),
+        C("attributes", "map<string,string>", doc="Catalog attributes (facets, options)."),
+        C("image_bytes", "binary", nullable=False, doc="Main image, encoded."),
+        C("reasoning_target", "string", nullable=False,
+          doc="The attribute reasoning the SFT warm-up teaches, built from the catalog: `category: x; color: y`."),
+        C("content_hash", "string", nullable=False, doc="SHA-256 of the fields above; a change updates the row."),
+        C("exported_date", "date", nullable=False, doc="Export run that last wrote the row."),
+    ),
+)
+
+MOON3_QUERY_PAIRS = TableContract(
+    name="moon3_query_pairs",
+    doc=(
+        "MOON3.0 query->product positives: one row per (query, clicked product) of the interactions "
+        "table, with the product's split. One partition per export run (rerun-safe)."
+    ),
+    key=("export_date", "pair_id"),
+    partition_by=("export_date",),
+    columns=(
+        C("export_date", "date", nullable=False, doc="Export run date."),
+        C("pair_id", "string", nullable=False, doc="SHA-256 of query and product id."),
+        C("query", "string", nullable=False, doc="Search query text."),
+        C("product_id", "string", nullable=False, doc="Clicked product (training_products.product_id)."),
+        C("split", "string", nullable=False, doc="The product's split."),
+        C("clicks", "int64", nullable=False, doc="Clicks on the product after this query."),
+        C("matches_category", "bool", nullable=False,
+          doc="Whether the query names the product's category; false marks click noise."),
+    ),
+)
+
+MOON3_PRODUCT_PAIRS = TableContract(
+    name="moon3_product_pairs",
+    doc=(
+        "MOON3.0 product<->product positives: two products of one leaf category and one split. "
+        "One partition per export run."
+    ),
+    key=("export_date", "anchor_id"),
+    partition_by=("export_date",),
+    columns=(
+        C("export_date", "date", nullable=False, doc="Export run date."),
+        C("anchor_id", "string", nullable=False, doc="Product id."),
+        C("positive_id", "string", nullable=False, doc="Another product of the same category and split."),
+        C("category", "string", nullable=False, doc="Their shared leaf category."),
+        C("split", "string", nullable=False, doc="Their split."),
+    ),
+)
+
 TABLES: dict[str, TableContract] = {
     t.name: t
     for t in (
@@ -278,6 +341,9 @@ TABLES: dict[str, TableContract] = {
         CREATIVE_SCORES,
         INTERACTIONS,
         MODEL_REGISTRY,
+        TRAINING_PRODUCTS,
+        MOON3_QUERY_PAIRS,
+        MOON3_PRODUCT_PAIRS,
     )
 }
 

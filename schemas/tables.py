@@ -138,8 +138,15 @@ INDEX_VERSIONS = TableContract(
         C("latency_p50_ms", "float64", doc="Single-query latency, median."),
         C("latency_p99_ms", "float64", doc="Single-query latency, 99th percentile."),
         C("index_uri", "string", nullable=False, doc="Folder holding the index, id map and manifest."),
-        C("status", "string", nullable=False, doc="`published`, `failed` or `retired`."),
+        C("status", "string", nullable=False,
+          doc="`published` (CURRENT when newest), `failed` (never served: `error` says why) or `retired` (removed by retention)."),
         C("built_at", "timestamp", nullable=False, doc="When the build finished."),
+        C("recall_target", "float64", doc="Recall@10 the parameters were tuned to reach."),
+        C("memory_budget", "string", doc="Memory budget the index type was chosen for, e.g. `2G`."),
+        C("index_bytes", "int64", doc="Size of the serialised index."),
+        C("rejected_rows", "int64", doc="Embedding rows not indexed (quarantined, stage `index`)."),
+        C("build_seconds", "float64", doc="Wall time of the build (sample, train, add, tune, measure)."),
+        C("error", "string", doc="Why a `failed` build failed."),
     ),
 )
 

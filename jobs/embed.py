@@ -46,6 +46,10 @@ UDF_OUTPUT = pa.schema(
     ]
 )
 
+# Up to this many products to embed, their keys are broadcast to the executors (a few tens of MB)
+# rather than joined by shuffling the catalog's images.
+BROADCAST_TODO_LIMIT = 500_000
+
 # One predictor per executor Python worker and model (Spark reuses workers between tasks).
 _PREDICTORS: dict[tuple, Any] = {}
 
@@ -123,13 +127,15 @@ def embed_batches(
 
 
 def products_to_embed(
-    spark: "SparkSession", settings: Settings, version: str, full: bool
+    spark: "SparkSession", settings: Settings, version: str, full: bool, *, broadcast_keys: bool = False
 ) -> tuple["DataFrame", "DataFrame"]:
     """(keys, todo): every live product's (product_id, content_hash, needs_embedding), and the live
     products that need the model — no embedding of their current content for ``version``.
 
     The comparison runs on the narrow keys alone; the wide columns (images) are read only when
-    the model runs, for the products it needs."""
+    the model runs, for the products it needs. ``broadcast_keys`` (for a churn-sized todo list)
+    filters the products against a broadcast key list instead of shuffling every product's image
+    for a sort-merge join."""
     from pyspark.sql import functions as F
 
     live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
@@ -146,7 +152,7 @@ def products_to_embed(
         "product_id", "content_hash", F.col("embedded").isNull().alias("needs_embedding")
     )
     needed = keys.where("needs_embedding").select("product_id", "content_hash")
-    return keys, live.join(needed, ["product_id", "content_hash"], "left_semi")
+    return keys, live.join(F.broadcast(needed) if broadcast_keys else needed, ["product_id", "content_hash"], "left_semi")
 
 
 def embed(
@@ -180,11 +186,13 @@ def embed(
     clock = time.perf_counter()
     with stage(f"embed {snapshot_date}: select new and changed products", LOG) as record:
         keys, todo = products_to_embed(spark, settings, version, full)
-        todo = todo.select(*MODEL_COLUMNS)
         # Both counts in one narrow pass: a nightly run's cost should follow its churn, not the catalog.
         counts = keys.agg(F.count("*").alias("live"), F.sum(F.col("needs_embedding").cast("long")).alias("todo"))
         row = counts.first()
         summary.live_products, summary.to_embed = row["live"], row["todo"] or 0
+        if 0 < summary.to_embed <= BROADCAST_TODO_LIMIT and summary.to_embed < summary.live_products:
+            keys, todo = products_to_embed(spark, settings, version, full, broadcast_keys=True)
+        todo = todo.select(*MODEL_COLUMNS)
         record.rows = summary.to_embed
         summary.skipped_unchanged = summary.live_products - summary.to_embed
     summary.seconds["select"] = round(time.perf_counter() - clock, 2)

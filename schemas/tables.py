@@ -157,6 +157,7 @@ CREATIVES = TableContract(
     columns=(
         C("creative_id", "string", nullable=False, doc="Stable id of the creative."),
         C("product_id", "string", nullable=False, doc="Product shown (products.product_id)."),
+        C("product_title", "string", nullable=False, doc="Product title the creative advertises (the prompt's title)."),
         C("image_bytes", "binary", nullable=False, doc="The creative image, encoded."),
         C("factors", "map<string,string>",
           doc="Composition factors (framing, background, overlay_text, layout, brightness)."),
@@ -199,6 +200,7 @@ CREATIVE_JUDGMENTS = TableContract(
         C("confidence", "float64", doc="Model probability of its answer, from its A-vs-B token probabilities."),
         C("reasoning", "string", doc="The `<think>` text."),
         C("raw_output", "string", nullable=False, doc="Full generated text of the last attempt."),
+        C("error_code", "string", doc="Why undecided: the last attempt's parse error (e.g. `no_answer`); null when decided."),
         C("attempts", "int32", nullable=False, doc="Generations tried (1 + retries)."),
         C("judged_at", "timestamp", nullable=False, doc="When the comparison ran."),
     ),
@@ -220,7 +222,11 @@ CREATIVE_SCORES = TableContract(
         C("comparisons", "int32", nullable=False, doc="Comparisons the creative took part in."),
         C("undecided", "int32", nullable=False, doc="Of which undecided."),
         C("rank", "int32", nullable=False, doc="1 = best for the product and segment."),
-        C("is_selected", "bool", nullable=False, doc="True for the creative to serve."),
+        C("is_selected", "bool", nullable=False,
+          doc="True for the creative to serve: rank 1 and strictly stronger than rank 2 (none on a tie)."),
+        C("group_hash", "string", nullable=False,
+          doc="SHA-256 of what was compared (creatives and their hashes, title, segment queries); "
+              "a change re-scores the group."),
         C("scored_at", "timestamp", nullable=False, doc="When the scores were computed."),
     ),
 )
@@ -237,7 +243,8 @@ INTERACTIONS = TableContract(
         C("event_id", "string", nullable=False, doc="Unique event id."),
         C("event_date", "date", nullable=False, doc="Day of the event."),
         C("event_time", "timestamp", nullable=False, doc="Time of the event."),
-        C("event_type", "string", nullable=False, doc="`query`, `impression` or `click`."),
+        C("event_type", "string", nullable=False,
+          doc="e.g. `query`, `impression`, `click`; an open set: each source documents its own."),
         C("user_id", "string", nullable=False, doc="Pseudonymous user id."),
         C("segment_id", "string", doc="User's segment."),
         C("query", "string", doc="Search query text, for `query` events and the clicks they led to."),

@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 LOG = logging.getLogger("moonpipe.jobs.load_snapshot")
+# Written by the exporter after the day's files (the Hadoop/Spark convention): a snapshot folder
+# without it may still be being written, so the nightly DAG waits for it.
+READY_MARKER = "_SUCCESS"
+
+
+def snapshot_ready(snapshot_date: date, settings: Settings | None = None) -> bool:
+    """True once the day's snapshot folder holds its ready marker (``_SUCCESS``)."""
+    import pyarrow.fs as pafs
+
+    from moonpipe.storage import resolve
+
+    settings = settings or Settings.from_env()
+    filesystem, root = resolve(f"{settings.snapshot_uri(snapshot_date.isoformat())}/{READY_MARKER}")
+    return filesystem.get_file_info(root).type == pafs.FileType.File
 
 
 @dataclass(frozen=True)

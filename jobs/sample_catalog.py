@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.load_snapshot import READY_MARKER
 from jobs.sample_sources import (
     FASHION_CLASSES,
     VendureProduct,
@@ -639,8 +640,9 @@ def build_sample_snapshots(
                     "deleted": result.deleted,
                 }
                 text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-                # The manifest goes last: it marks the day complete.
                 _atomic_write(folder / MANIFEST_FILE, lambda tmp: tmp.write_text(text))
+            # The ready marker goes last: the nightly DAG waits for it before reading the day.
+            (folder / READY_MARKER).touch()
             progress.rows = len(result.products)
             added = len(result.added)  # day 1: every product is new
             infos.append(

@@ -53,28 +53,25 @@ def cmd_snapshots_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_load_snapshot(args: argparse.Namespace) -> int:
+def cmd_load_snapshot(args: argparse.Namespace) -> dict:
     from jobs.load_snapshot import load_snapshot
 
-    _print_json(load_snapshot(args.date).as_dict())
-    return 0
+    return load_snapshot(args.date).as_dict()
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
+def cmd_ingest(args: argparse.Namespace) -> dict:
     from jobs.ingest import ingest
 
-    _print_json(ingest(args.date, source_uri=args.source, allow_older=args.allow_older).as_dict())
-    return 0
+    return ingest(args.date, source_uri=args.source, allow_older=args.allow_older).as_dict()
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
+def cmd_embed(args: argparse.Namespace) -> dict:
     from jobs.embed import embed
     from moonpipe.settings import Settings
 
     model_dir = args.model or Settings.from_env().moon3_model
     summary = embed(args.date, model_dir, full=args.full, reasoning=args.reasoning or None, device=args.device)
-    _print_json(summary.as_dict())
-    return 0
+    return summary.as_dict()
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:
@@ -198,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         "arrive with the embedding, index, creative-scoring and training jobs).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--summary-out",
+        metavar="PATH",
+        help="also write the job's run summary (JSON) here: how a cluster-mode Airflow task gets it back",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -283,12 +285,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(argv: Sequence[str]) -> dict | None:
+    """Run one command in this process; return the run summary of a job command (None for others).
+
+    Airflow's local mode calls this with the same argument list that cluster mode hands to
+    spark-submit, so both modes run one code path."""
     args = build_parser().parse_args(argv)
     from moonpipe.progress import configure_logging
 
     configure_logging(10 if args.verbose else 20)
-    return int(args.handler(args) or 0)
+    result = args.handler(args)
+    if not isinstance(result, dict):
+        if result:
+            raise SystemExit(int(result))
+        return None
+    _print_json(result)
+    if args.summary_out:
+        from pathlib import Path
+
+        out = Path(args.summary_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        tmp.replace(out)
+    return json.loads(json.dumps(result, default=str))  # JSON-able, as XCom stores it
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return 0
 
 
 if __name__ == "__main__":

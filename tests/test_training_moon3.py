@@ -1,0 +1,164 @@
+"""MOON3.0 training on DeepSpeed with the tiny preset: real steps, every parameter learns, resume,
+2 ranks, the GRPO/InfoNCE maths on known values, evaluation and the promotion gate."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date
+
+import pytest
+import torch
+
+from jobs.training_data import export_training_sets
+from model.moon3_checkpoint import build_model, load_checkpoint, read_manifest, save_checkpoint
+from moonpipe.settings import Settings
+from training import registry
+from training.evaluate import evaluate
+from training.launch import load_config, train
+from training.losses import group_advantages, grpo_loss, info_nce
+from training.moon3_trainer import plan_step
+from training.promote import promote
+
+FAST = {"run": {"max_steps": 2, "micro_batch": 6, "warmup_steps": 1, "weight_decay": 0.0, "learning_rate": 1e-3,
+                "checkpoint_every": 1, "log_every": 1, "threads": 2},
+        "sft_warmup_steps": 0, "sft_weight": 1.0, "grpo_every": 1, "grpo_products": 2, "grpo_group_size": 2,
+        "max_reasoning_tokens": 6, "text_dropout": 0.5}
+
+
+def _config(name: str, **changes):
+    config = json.loads(json.dumps(FAST))
+    config["run"]["run_name"] = name
+    for key, value in changes.items():
+        if key == "run":
+            config["run"].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def settings(spark, tmp_path_factory):
+    settings = Settings.from_env(home=str(tmp_path_factory.mktemp("training-moon3")))
+    export_training_sets(date(2026, 11, 3), settings, spark, fashion_train_limit=160, fashion_test_limit=40)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def trained(settings):
+    return train("moon3", _config("all-terms"), settings=settings)
+
+
+def test_group_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0, 10.0, 20.0, 30.0, 40.0])
+    advantages = group_advantages(rewards, group_size=4)
+    first = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    expected = (first - first.mean()) / (first.std() + 1e-4)
+    assert torch.allclose(advantages[:4], expected, atol=1e-5)
+    second = advantages[4:]
+    assert abs(float(second.mean())) < 1e-6 and math.isclose(float(second.std()), 1.0, rel_tol=1e-3)
+    assert torch.allclose(advantages[4:], torch.tensor([-1.1619, -0.3873, 0.3873, 1.1619]), atol=1e-3)
+    assert torch.equal(group_advantages(torch.full((4,), 7.0), 2), torch.zeros(4))  # equal rewards: no signal
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def test_grpo_loss_is_advantage_weighted_and_kl_is_zero_at_the_reference():
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, kl = grpo_loss(logprobs, logprobs.detach(), mask, torch.tensor([1.0, -1.0]), kl_weight=0.1)
+    assert float(kl) == 0.0 and float(loss.detach()) == 0.0  # (-1 * 1 + 1 * 1) / 2 with ratio 1
+    loss.backward()
+    # d/dlogp of -A * ratio, averaged over each row's tokens and the rows.
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.25, -0.25], [0.5, 0.0]]))
+    _, kl = grpo_loss(logprobs.detach(), logprobs.detach() - 1.0, mask, torch.zeros(2), kl_weight=0.1)
+    assert math.isclose(float(kl), math.exp(-1) + 1 - 1, rel_tol=1e-5)
+
+
+def test_info_nce_masks_same_group_negatives_and_uses_the_temperature():
+    a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
+    scale = torch.tensor([math.log(10.0)])
+    plain = info_nce(a, a, scale)
+    masked = info_nce(a, a, scale, groups=torch.tensor([0, 0, 1]))
+    assert masked < plain  # rows 0 and 1 no longer push each other away
+    logits = 10.0 * a @ a.T
+    logits[0, 1] = logits[1, 0] = float("-inf")
+    assert torch.isclose(masked, torch.nn.functional.cross_entropy(logits, torch.arange(3)), atol=1e-6)
+
+
+def test_schedule_warms_up_with_sft_then_runs_the_joint_objective():
+    config = load_config("moon3", {"sft_warmup_steps": 2, "grpo_every": 2, "sft_weight": 0.1})
+    assert plan_step(config, 0) == {"sft": 1.0, "query_nce": 0.0, "product_nce": 0.0, "grpo": 0.0}
+    assert plan_step(config, 2) == {"sft": 0.1, "query_nce": 1.0, "product_nce": 1.0, "grpo": 0.5}
+    assert plan_step(config, 3)["grpo"] == 0.0
+    with pytest.raises(ValueError, match="every objective is off"):
+        load_config("moon3", {"sft_weight": 0, "query_nce_weight": 0, "product_nce_weight": 0, "grpo_weight": 0})
+    with pytest.raises(ValueError, match="unknown option"):
+        load_config("moon3", {"use_firee": False})
+
+
+def test_deepspeed_steps_change_every_trainable_parameter(settings, trained):
+    assert trained["steps"] == 2 and trained["zero_stage"] == 2 and trained["world_size"] == 1
+    metrics = trained["last_metrics"]
+    for term in ("sft_loss", "product_nce", "query_nce", "grpo_loss", "loss"):
+        assert math.isfinite(metrics[term]), term
+    assert metrics["temperature"] != pytest.approx(0.07, abs=1e-7)  # the temperature is learned
+    config = load_config("moon3", _config("all-terms"))
+    before = dict(build_model(config.model_config()).named_parameters())
+    after = dict(load_checkpoint(trained["checkpoint_dir"]).named_parameters())
+    assert before.keys() == after.keys()
+    unchanged = [name for name, p in before.items() if torch.equal(p, after[name])]
+    assert unchanged == []
+    # The reference of the KL term is the model before RL started (here: the initial model).
+    reference = dict(load_checkpoint(f"{trained['run_dir']}/reference").named_parameters())
+    assert all(torch.equal(before[name], reference[name]) for name in before)
+
+
+def test_resume_continues_the_step_count(settings, trained):
+    resumed = train("moon3", _config("all-terms", run={"max_steps": 3}), settings=settings)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3 and resumed["steps_this_call"] == 1
+    lines = [json.loads(line) for line in open(f"{resumed['run_dir']}/metrics.jsonl")]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    again = train("moon3", _config("all-terms", run={"max_steps": 3}), settings=settings)
+    assert again["steps_this_call"] == 0 and again["stopped_by"] == "already_complete"
+
+
+@pytest.mark.slow
+def test_two_ranks_on_cpu_with_gloo(settings):
+    summary = train("moon3", _config("two-ranks", run={"max_steps": 1, "threads": 1}), nproc=2, settings=settings,
+                    timeout_s=600)
+    assert summary["world_size"] == 2 and summary["steps"] == 1 and summary["samples"] == 12
+    assert math.isfinite(summary["last_metrics"]["loss"])
+    assert load_checkpoint(summary["checkpoint_dir"]).version == summary["model_version"]
+
+
+def test_evaluation_and_the_gate_refuses_a_worse_model(settings, trained, tmp_path):
+    good = trained["checkpoint_dir"]  # the resume test may have trained it further: read its version
+    good_version = read_manifest(good)["model_version"]
+    first = evaluate("moon3", good, settings=settings, gallery_limit=120)
+    assert first["baseline_version"] is None
+    metrics = first["candidate"]["metrics"]
+    for name in ("knn_accuracy", "p2p_recall@1", "p2p_recall@10", "p2p_map@100", "q2p_recall@5"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["p2p_recall@1"] <= metrics["p2p_recall@5"] <= metrics["p2p_recall@10"]
+    assert metrics["eval_products"] == 40 and metrics["gallery_products"] == 120
+    assert 0.3 < first["reference"]["raw_pixel_knn_accuracy"] <= 1.0
+    assert open(first["plots"][0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    decision = promote("moon3", settings=settings)
+    assert decision["promoted"] and registry.production(settings, "moon3")["model_version"] == good_version
+
+    # A broken head maps every product to the same point: retrieval at chance.
+    worse = load_checkpoint(good)
+    with torch.no_grad():
+        for p in worse.head.parameters():
+            p.zero_()
+    worse_dir = tmp_path / "worse"
+    worse_version = save_checkpoint(worse, worse_dir)
+    report = evaluate("moon3", str(worse_dir), settings=settings, gallery_limit=120)
+    assert report["baseline_version"] == good_version
+    assert report["candidate"]["metrics"]["knn_accuracy"] < report["baseline"]["metrics"]["knn_accuracy"]
+    decision = promote("moon3", worse_version, settings=settings)
+    assert decision["promoted"] is False and "margin" in decision["reason"]
+    rows = {r["model_version"]: r for r in registry.rows(settings, "moon3")}
+    assert rows[worse_version]["status"] == "rejected" and not rows[worse_version]["is_production"]
+    assert [v for v, r in rows.items() if r["is_production"]] == [good_version]

@@ -1,0 +1,1 @@
+"""DeepSpeed training of the pipeline's models: configs, launcher, trainers, evaluation, promotion."""

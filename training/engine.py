@@ -1,0 +1,172 @@
+"""DeepSpeed for every trainer: process group, engine, resumable checkpoints, gathered weights.
+
+On CPU the process group uses gloo; on GPUs nccl. A single process without a launcher gets the
+rendezvous variables set here (otherwise DeepSpeed looks for MPI). The optimiser is a torch
+AdamW handed to DeepSpeed (a DeepSpeed-config optimiser would compile fused Adam first).
+
+Resumable checkpoints are DeepSpeed's own (model, optimiser, scheduler and the trainer's step,
+written by this project, read back only from the run folder); the models a run hands on are
+written as safetensors by the model's checkpoint module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.run_config import ZERO_CONFIGS, RunConfig
+
+LOG = logging.getLogger("moonpipe.training")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_rendezvous() -> None:
+    """Single-process defaults for the variables torchrun/deepspeed set for each rank."""
+    defaults = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    ensure_rendezvous()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def use_bf16(run: RunConfig) -> bool:
+    if run.precision == "auto":
+        return torch.cuda.is_available()
+    return run.precision == "bf16"
+
+
+def deepspeed_config(run: RunConfig) -> dict[str, Any]:
+    """The ZeRO data file plus what the run decides: batch sizes and precision."""
+    path = ZERO_CONFIGS.get(run.zero, Path(run.zero))
+    config = json.loads(Path(path).read_text())
+    config["train_micro_batch_size_per_gpu"] = run.micro_batch
+    config["gradient_accumulation_steps"] = run.gradient_accumulation
+    config["train_batch_size"] = run.micro_batch * run.gradient_accumulation * world_size()
+    config["bf16"] = {"enabled": use_bf16(run)}
+    config.setdefault("fp16", {"enabled": False})
+    return config
+
+
+def lr_lambda(run: RunConfig):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < run.warmup_steps:
+            return (step + 1) / run.warmup_steps
+        progress = min(1.0, (step - run.warmup_steps) / max(1, run.max_steps - run.warmup_steps))
+        return run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def initialize(module: torch.nn.Module, run: RunConfig) -> Any:
+    """A DeepSpeed engine over ``module``'s trainable parameters (AdamW, warm-up + cosine)."""
+    import deepspeed
+
+    init_distributed()
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms, biases, gates, temperature
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=run.learning_rate,
+        betas=(0.9, 0.98),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run)
+    )
+    return engine
+
+
+@dataclass
+class ResumeState:
+    step: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    extra: dict[str, Any] | None = None
+
+
+def save_resumable(engine: Any, run_dir: Path, state: ResumeState, keep: int) -> Path:
+    """DeepSpeed checkpoint ``step-NNNNNN`` of the run (all ranks call it); older ones pruned."""
+    folder = run_dir / "checkpoints"
+    tag = f"step-{state.step:06d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"moonpipe_state": state.__dict__})
+    barrier()
+    if rank() == 0:
+        tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in tags[:-keep]:
+            shutil.rmtree(folder / old, ignore_errors=True)
+    barrier()
+    return folder / tag
+
+
+def load_resumable(engine: Any, run_dir: Path) -> ResumeState | None:
+    """The run's state from its latest DeepSpeed checkpoint, or None when it has none."""
+    folder = run_dir / "checkpoints"
+    if not (folder / "latest").is_file():
+        return None
+    path, client = engine.load_checkpoint(str(folder))
+    if path is None or not client or "moonpipe_state" not in client:
+        raise RuntimeError(
+            f"resumable checkpoint in {folder} could not be loaded; delete the folder to start over, "
+            f"or set resume=false"
+        )
+    LOG.info("resumed from %s", path)
+    return ResumeState(**client["moonpipe_state"])
+
+
+@contextlib.contextmanager
+def gathered_parameters(engine: Any) -> Iterator[None]:
+    """Full parameters on every rank for the duration (ZeRO-3 shards them; stages 0-2 keep them whole)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield

@@ -1,0 +1,119 @@
+"""The launcher: one process here, several ranks with torchrun, several nodes with a hostfile.
+
+    train("moon3", config)                         one process, in this interpreter
+    train("moon3", config, nproc=2)                2 ranks on this machine (torchrun; gloo on CPU)
+    train("moon3", config, hostfile="hosts")       every node of the hostfile (the deepspeed launcher;
+                                                   the repository and data at the same paths on each)
+
+Every rank runs ``training.worker`` with the same config file; rank 0 writes ``summary.json`` in
+the run folder (``<models_dir>/<kind>/runs/<run_name>``), which ``train`` returns. Trainers plug in
+through ``TRAINERS``: a config class and a ``run(config, settings, run_dir)`` per model kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moonpipe.settings import PROJECT_ROOT, Settings, local_path
+from training.run_config import from_dict, to_dict
+
+LOG = logging.getLogger("moonpipe.training.launch")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    config_class: str  # "module:Class"
+    run: str  # "module:function(config, settings, run_dir) -> summary"
+
+
+TRAINERS: dict[str, Trainer] = {
+    "moon3": Trainer("training.moon3_trainer:Moon3TrainConfig", "training.moon3_trainer:run"),
+}
+
+
+def _resolve(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def trainer(model_kind: str) -> Trainer:
+    if model_kind not in TRAINERS:
+        raise ValueError(f"no trainer for model kind {model_kind!r}; known: {sorted(TRAINERS)}")
+    return TRAINERS[model_kind]
+
+
+def load_config(model_kind: str, config: Any) -> Any:
+    """A trainer config from a config object, a dict or a JSON file path."""
+    cls = _resolve(trainer(model_kind).config_class)
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        config = json.loads(path.read_text())
+    if config is None:
+        return cls()
+    if not isinstance(config, dict):
+        raise TypeError(f"config for {model_kind!r} must be a {cls.__name__}, a dict or a JSON path, not {type(config)}")
+    return from_dict(cls, config)
+
+
+def run_dir_for(model_kind: str, run_name: str, settings: Settings) -> Path:
+    return local_path(settings.models_dir) / model_kind / "runs" / run_name
+
+
+def train(
+    model_kind: str,
+    config: Any = None,
+    *,
+    nproc: int = 1,
+    hostfile: str | None = None,
+    settings: Settings | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Train ``model_kind`` (``moon3``) with ``config``; returns the JSON-able run summary."""
+    settings = settings or Settings.from_env()
+    config = load_config(model_kind, config)
+    run_dir = run_dir_for(model_kind, config.run.run_name, settings)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    config_path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    if nproc == 1 and hostfile is None:
+        from training.engine import ensure_rendezvous
+
+        ensure_rendezvous()
+        return _resolve(trainer(model_kind).run)(config, settings, run_dir)
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    worker = ["-m", "training.worker", "--kind", model_kind, "--config", str(config_path),
+              "--home", settings.home]
+    if hostfile is not None:
+        if not Path(hostfile).is_file():
+            raise FileNotFoundError(f"hostfile {hostfile} does not exist (lines of `host slots=N`)")
+        command = [str(Path(sys.executable).with_name("deepspeed")), "--hostfile", hostfile, "--module", *worker[1:]]
+    else:
+        from training.engine import free_port
+
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", *worker]
+    log_path = run_dir / "launch.log"
+    LOG.info("launching %s ranks: %s (log: %s)", nproc if hostfile is None else "hostfile", " ".join(command), log_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    with log_path.open("w") as log:
+        done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=timeout_s, check=False)
+    if done.returncode != 0 or not summary_path.is_file():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"training {model_kind!r} failed (exit {done.returncode}); last lines of {log_path}:\n{tail}")
+    return json.loads(summary_path.read_text())

@@ -1,0 +1,129 @@
+"""MOON3.0's training examples, read from the Delta tables that jobs/training_data.py exports.
+
+A step's batch is a pure function of (seed, step, rank): a resumed run draws exactly the batches
+it would have drawn, and ranks draw different ones. Each example is a query->product pair (the
+query and its clicked product) plus a positive product of the clicked product's category.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+
+from model.moon3_processing import ProductInput
+from moonpipe import delta
+from moonpipe.settings import Settings
+
+NEUTRAL_TITLE = "product"  # the title an image-only view carries (the processor needs some text)
+
+
+@dataclass
+class ProductRecord:
+    product_id: str
+    title: str
+    description: str | None
+    category: str
+    category_path: str | None
+    attributes: dict[str, str]
+    image_bytes: bytes
+    reasoning_target: str
+
+    def view(self, with_text: bool) -> ProductInput:
+        """The product as the model reads it: everything, or its image alone (no text naming it)."""
+        if with_text:
+            return ProductInput(self.title, self.image_bytes, self.category_path, self.attributes, self.description)
+        return ProductInput(NEUTRAL_TITLE, self.image_bytes)
+
+
+@dataclass
+class Example:
+    query: str
+    product: ProductRecord
+    positive: ProductRecord
+    category_id: int
+
+
+class TrainingSet:
+    """The training split of one export: products, query pairs and product pairs."""
+
+    def __init__(self, products: dict[str, ProductRecord], query_pairs: list[tuple[str, str]],
+                 product_pairs: dict[str, str], export_date: str) -> None:
+        self.products = products
+        self.export_date = export_date
+        self.categories = sorted({p.category for p in products.values()})
+        self.category_ids = {c: i for i, c in enumerate(self.categories)}
+        # Only pairs whose product has a positive can feed both objectives.
+        self.query_pairs = [(q, pid) for q, pid in query_pairs if pid in product_pairs and pid in products]
+        self.product_pairs = product_pairs
+        if not self.query_pairs:
+            raise ValueError(
+                f"export {export_date} has no usable training pairs (query pairs whose product has a "
+                f"same-category positive): run `moonpipe training-data export` with more products"
+            )
+
+    def __len__(self) -> int:
+        return len(self.query_pairs)
+
+    def batch(self, seed: int, step: int, rank: int, size: int) -> list[Example]:
+        rng = np.random.default_rng([seed, step, rank])
+        picks = rng.choice(len(self.query_pairs), size=min(size, len(self.query_pairs)), replace=False)
+        examples = []
+        for index in picks:
+            query, product_id = self.query_pairs[int(index)]
+            product = self.products[product_id]
+            examples.append(Example(query, product, self.products[self.product_pairs[product_id]],
+                                    self.category_ids[product.category]))
+        return examples
+
+
+def latest_export_date(settings: Settings) -> str:
+    uri = settings.table_uri("moon3_query_pairs")
+    if not delta.exists(uri):
+        raise FileNotFoundError(
+            f"no MOON3.0 training pairs at {uri}: export them first (`moonpipe training-data export --date D`)"
+        )
+    dates = delta.read_arrow(uri, columns=["export_date"]).column("export_date").to_pylist()
+    if not dates:
+        raise ValueError(f"{uri} is empty: export the training sets first")
+    return max(dates).isoformat()
+
+
+def load_products(settings: Settings, splits: tuple[str, ...], limit: int | None = None) -> dict[str, ProductRecord]:
+    table = delta.read_arrow(
+        settings.table_uri("training_products"),
+        columns=["product_id", "split", "title", "description", "category", "category_path", "attributes",
+                 "image_bytes", "reasoning_target"],
+        filters=[("split", "in", list(splits))],
+    )
+    rows = table.to_pylist()
+    rows.sort(key=lambda r: r["product_id"])
+    if limit is not None:
+        rows = rows[:limit]
+    return {
+        r["product_id"]: ProductRecord(r["product_id"], r["title"], r["description"], r["category"],
+                                       r["category_path"], dict(r["attributes"] or []), r["image_bytes"],
+                                       r["reasoning_target"])
+        for r in rows
+    }
+
+
+def load_training_set(settings: Settings, export_date: str | None = None, split: str = "train") -> TrainingSet:
+    export_date = export_date or latest_export_date(settings)
+    day = date.fromisoformat(export_date)
+    products = load_products(settings, (split,))
+    query_rows = delta.read_arrow(
+        settings.table_uri("moon3_query_pairs"), columns=["query", "product_id", "split"],
+        filters=[("export_date", "=", day), ("split", "=", split)],
+    ).to_pylist()
+    pair_rows = delta.read_arrow(
+        settings.table_uri("moon3_product_pairs"), columns=["anchor_id", "positive_id"],
+        filters=[("export_date", "=", day), ("split", "=", split)],
+    ).to_pylist()
+    return TrainingSet(
+        products,
+        sorted((r["query"], r["product_id"]) for r in query_rows),
+        {r["anchor_id"]: r["positive_id"] for r in pair_rows},
+        export_date,
+    )

@@ -1,0 +1,143 @@
+"""MOON3.0 offline evaluation on the held-out products of the training export.
+
+* product->product: each test product (its image alone: no text that could name the category)
+  against a gallery of training-split products; relevant = same leaf category.
+* query->product: the distinct test-split queries of the export against the test products;
+  relevant = products whose category the query names (ground truth, not the noisy clicks).
+* kNN category accuracy: majority category of the k nearest gallery products.
+* The raw-pixel kNN baseline (images resized to 28x28 grayscale, Euclidean) on the same split and
+  gallery, so the model's accuracy has a reference measured on the same data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moonpipe.settings import Settings
+from training.moon3_data import ProductRecord, latest_export_date, load_products
+from training.retrieval_metrics import knn_accuracy, recall_and_map, top_k
+
+LOG = logging.getLogger("moonpipe.training.moon3_eval")
+KS = (1, 5, 10)
+MAP_DEPTH = 100
+
+
+@dataclass
+class EvalSet:
+    queries: list[ProductRecord]  # the held-out products
+    gallery: list[ProductRecord]
+    search_queries: list[str]
+    categories: list[str]
+
+    def labels(self, records: list[ProductRecord]) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.categories)}
+        return np.array([index[r.category] for r in records])
+
+
+def load_eval_set(settings: Settings, *, split: str = "test", gallery_split: str = "train",
+                  query_limit: int | None = None, gallery_limit: int | None = 10_000,
+                  search_query_limit: int = 500) -> EvalSet:
+    from moonpipe import delta
+
+    held_out = list(load_products(settings, (split,)).values())
+    if query_limit is not None:
+        held_out = held_out[:query_limit]
+    gallery = list(load_products(settings, (gallery_split,), limit=gallery_limit).values())
+    if not held_out or not gallery:
+        raise ValueError(f"evaluation needs products in the {split!r} and {gallery_split!r} splits of "
+                         f"training_products: export the training sets first")
+    export_date = latest_export_date(settings)
+    from datetime import date
+
+    queries = delta.read_arrow(settings.table_uri("moon3_query_pairs"), columns=["query"],
+                               filters=[("export_date", "=", date.fromisoformat(export_date)), ("split", "=", split)])
+    search_queries = sorted(set(queries.column("query").to_pylist()))[:search_query_limit]
+    categories = sorted({r.category for r in held_out + gallery})
+    return EvalSet(held_out, gallery, search_queries, categories)
+
+
+def _pixels(record: ProductRecord) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(record.image_bytes)).convert("L").resize((28, 28))
+    return np.asarray(image, dtype=np.float32).reshape(-1) / 255.0
+
+
+def raw_pixel_knn(eval_set: EvalSet, k: int = 10) -> float:
+    queries = np.stack([_pixels(r) for r in eval_set.queries])
+    gallery = np.stack([_pixels(r) for r in eval_set.gallery])
+    indexes, scores = top_k(queries, gallery, k, metric="l2")
+    gallery_labels = eval_set.labels(eval_set.gallery)
+    return knn_accuracy(gallery_labels[indexes], scores - scores.min(), eval_set.labels(eval_set.queries))
+
+
+def _category_in(query: str, category: str) -> bool:
+    return category.lower().replace("/", " ") in query.lower()
+
+
+def embed_products(checkpoint: str, records: list[ProductRecord], threads: int | None = None) -> np.ndarray:
+    """Image-only embeddings through the batch predictor the embed job uses."""
+    from model.moon3_predictor import make_predict_fn
+
+    predict = make_predict_fn(checkpoint, threads=threads, device="cpu" if threads else None)
+    result = predict([r.view(with_text=False) for r in records])
+    if not result.ok.all():
+        bad = [records[i].product_id for i in np.flatnonzero(~result.ok)[:5]]
+        raise ValueError(f"the model could not embed {int((~result.ok).sum())} evaluation products (e.g. {bad}): "
+                         f"{[e for e in result.errors if e][:1]}")
+    return result.vectors
+
+
+def embed_queries(checkpoint: str, queries: list[str], batch: int = 128) -> np.ndarray:
+    import torch
+
+    from model.moon3_checkpoint import load_checkpoint
+    from model.moon3_processing import Moon3Processor
+    from training.moon3_trainer import encode_query
+
+    model = load_checkpoint(checkpoint).eval()
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    vectors = []
+    with torch.inference_mode():
+        for start in range(0, len(queries), batch):
+            items = [encode_query(processor, q) for q in queries[start:start + batch]]
+            vectors.append(model(**processor.collate(items)).embeddings.numpy())
+    return np.concatenate(vectors) if vectors else np.zeros((0, model.config.embedding_dim), np.float32)
+
+
+def evaluate_checkpoint(checkpoint: str, eval_set: EvalSet, *, k: int = 10, threads: int | None = None) -> dict[str, Any]:
+    """Metrics of one checkpoint on ``eval_set`` (all floats, JSON-able)."""
+    held = embed_products(checkpoint, eval_set.queries, threads)
+    gallery = embed_products(checkpoint, eval_set.gallery, threads)
+    held_labels, gallery_labels = eval_set.labels(eval_set.queries), eval_set.labels(eval_set.gallery)
+    indexes, scores = top_k(held, gallery, max(MAP_DEPTH, k))
+    hits = gallery_labels[indexes] == held_labels[:, None]
+    counts = np.bincount(gallery_labels, minlength=len(eval_set.categories))[held_labels]
+    metrics = {f"p2p_{name}": value for name, value in recall_and_map(hits, counts, KS).items()}
+    metrics["knn_accuracy"] = knn_accuracy(gallery_labels[indexes[:, :k]], scores[:, :k], held_labels)
+    # Per-category kNN accuracy, for the report's plot.
+    predicted_ok = _knn_correct(gallery_labels[indexes[:, :k]], scores[:, :k], held_labels)
+    per_category = {c: float(predicted_ok[held_labels == i].mean()) for i, c in enumerate(eval_set.categories)
+                    if (held_labels == i).any()}
+    relevant_sets = [np.array([_category_in(q, c) for c in eval_set.categories]) for q in eval_set.search_queries]
+    usable = [i for i, r in enumerate(relevant_sets) if r.any()]
+    if usable:
+        queries = embed_queries(checkpoint, [eval_set.search_queries[i] for i in usable])
+        q_indexes, _ = top_k(queries, held, MAP_DEPTH)
+        relevant_of_product = np.stack([relevant_sets[i] for i in usable])  # [Q, categories]
+        q_hits = np.take_along_axis(relevant_of_product, held_labels[q_indexes], axis=1)
+        q_counts = (relevant_of_product[:, held_labels]).sum(axis=1)
+        metrics.update({f"q2p_{name}": value for name, value in recall_and_map(q_hits, q_counts, KS).items()})
+    metrics["eval_products"] = float(len(eval_set.queries))
+    metrics["gallery_products"] = float(len(eval_set.gallery))
+    metrics["search_queries"] = float(len(usable))
+    return {"metrics": metrics, "knn_accuracy_by_category": per_category}
+
+
+def _knn_correct(labels: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    return np.array([knn_accuracy(labels[i:i + 1], scores[i:i + 1], truth[i:i + 1]) for i in range(len(truth))])

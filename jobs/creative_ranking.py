@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 Item = Hashable
 Pair = tuple[Item, Item]
@@ -80,14 +81,13 @@ def sort_schedule(items: Sequence[Item], refine: bool = True) -> Schedule:
 
 
 def _refine(order: list[Item], compared: set[frozenset], preferences: dict[Pair, float]) -> Schedule:
-    """Spend the budget the sort left on the likeliest mistakes: rank by Bradley–Terry over what
-    is known, compare the closest neighbours never compared directly, and repeat."""
+    """Spend the budget the sort left on the likeliest mistakes: rank what is known, compare the
+    closest neighbours never compared directly, and repeat."""
     room = comparison_budget(len(order)) // 2 - len(compared)
     distance = 1
     while room > 0 and distance < len(order):
-        strengths = bradley_terry(order, preferences)
         position = {item: i for i, item in enumerate(order)}
-        order = sorted(order, key=lambda item: (-round(strengths[item], 9), position[item]))
+        order = consistent_order(order, preferences, bradley_terry(order, preferences), position.get)
         fresh = [
             (order[i], order[i + distance])
             for i in range(len(order) - distance)
@@ -100,9 +100,33 @@ def _refine(order: list[Item], compared: set[frozenset], preferences: dict[Pair,
         compared.update(frozenset(pair) for pair in fresh)
         preferences.update({pair: outcomes[pair] for pair in fresh if outcomes.get(pair) is not None})
         room -= len(fresh)
-    strengths = bradley_terry(order, preferences)
     position = {item: i for i, item in enumerate(order)}
-    return sorted(order, key=lambda item: (-round(strengths[item], 9), position[item]))
+    return consistent_order(order, preferences, bradley_terry(order, preferences), position.get)
+
+
+def consistent_order(
+    items: Sequence[Item], preferences: Mapping[Pair, float], strengths: Mapping[Item, float], tie_break: Callable[[Item], Any]
+) -> list[Item]:
+    """Best first, respecting every direct comparison where they agree with each other.
+
+    Bradley–Terry alone can put x above y although y beat x directly (strengths flow through
+    different opponents in a sparse design). So: repeatedly take, among the creatives no remaining
+    one beat directly, the strongest; within a cycle of contradicting verdicts (a noisy judge),
+    the strongest remaining. With a consistent judge this is exactly the true order, since a
+    sort compares every pair of neighbours."""
+    beaten_by: dict[Item, set[Item]] = {item: set() for item in items}
+    for (x, y), p in preferences.items():
+        if p > 0.5:
+            beaten_by[y].add(x)
+        elif p < 0.5:
+            beaten_by[x].add(y)
+    remaining, order = set(items), []
+    while remaining:
+        free = [item for item in remaining if not beaten_by[item] & remaining]
+        best = min(free or remaining, key=lambda item: (-round(strengths[item], 9), tie_break(item)))
+        order.append(best)
+        remaining.remove(best)
+    return order
 
 
 @dataclass
@@ -223,11 +247,11 @@ class CreativeScore:
 
 def aggregate(items: Sequence[Item], judgments: Iterable[JudgedComparison], prior: float = 0.5) -> list[CreativeScore]:
     """Scores of a group, best first: Bradley–Terry strength over the order-averaged pair
-    preferences, win rate over decided comparisons, rank (1 = best; ties broken by win rate, then
-    id). The rank-1 creative is selected only when it is strictly stronger than the runner-up (or
-    alone): an all-undecided or all-tied group selects nothing rather than guess."""
+    preferences, win rate over decided comparisons, rank from ``consistent_order`` (ties broken by
+    win rate, then id). The rank-1 creative is selected only when it beat every creative it was
+    compared with (or is alone): an all-undecided or all-tied group selects nothing rather than guess."""
     items = list(items)
-    by_order: dict[Pair, float | None] = {}
+    by_order: dict[Pair, list[float]] = {}  # P(A) of each decided judgment, per ordered pair
     comparisons = {item: 0 for item in items}
     undecided = {item: 0 for item in items}
     wins = {item: 0 for item in items}
@@ -239,13 +263,16 @@ def aggregate(items: Sequence[Item], judgments: Iterable[JudgedComparison], prio
         if j.answer is None:
             undecided[j.creative_a] += 1
             undecided[j.creative_b] += 1
-            by_order.setdefault((j.creative_a, j.creative_b), None)
+            by_order.setdefault((j.creative_a, j.creative_b), [])
             continue
         wins[j.creative_a if j.answer == "A" else j.creative_b] += 1
-        by_order[(j.creative_a, j.creative_b)] = j.prob_a if j.prob_a is not None else float(j.answer == "A")
+        by_order.setdefault((j.creative_a, j.creative_b), []).append(
+            j.prob_a if j.prob_a is not None else float(j.answer == "A")
+        )
+    mean = {pair: sum(v) / len(v) for pair, v in by_order.items() if v}
     preferences: dict[Pair, float] = {}
     for x, y in {tuple(sorted((a, b), key=str)) for a, b in by_order}:
-        p = pair_preference(by_order.get((x, y)), by_order.get((y, x)))
+        p = pair_preference(mean.get((x, y)), mean.get((y, x)))
         if p is not None:
             preferences[(x, y)] = p
     strengths = bradley_terry(items, preferences, prior)
@@ -253,8 +280,17 @@ def aggregate(items: Sequence[Item], judgments: Iterable[JudgedComparison], prio
         item: wins[item] / (comparisons[item] - undecided[item]) if comparisons[item] > undecided[item] else 0.0
         for item in items
     }
-    ordered = sorted(items, key=lambda item: (-round(strengths[item], 9), -win_rate[item], str(item)))
-    clear = len(ordered) == 1 or round(strengths[ordered[0]], 9) > round(strengths[ordered[1]], 9)
+    ordered = consistent_order(items, preferences, strengths, lambda item: (-win_rate[item], str(item)))
+    best = ordered[0] if ordered else None
+    beats: dict[Item, int] = {item: 0 for item in items}
+    losses: dict[Item, int] = {item: 0 for item in items}
+    for (x, y), p in preferences.items():
+        if p != 0.5:
+            winner, loser = (x, y) if p > 0.5 else (y, x)
+            beats[winner] += 1
+            losses[loser] += 1
+    # Selected: alone, or rank 1 having beaten every creative it met and at least one.
+    clear = len(ordered) == 1 or (best is not None and beats[best] > 0 and losses[best] == 0)
     return [
         CreativeScore(item, strengths[item], win_rate[item], comparisons[item], undecided[item], rank, rank == 1 and clear)
         for rank, item in enumerate(ordered, start=1)

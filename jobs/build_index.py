@@ -23,6 +23,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from moonpipe import delta
 from moonpipe.settings import Settings
@@ -136,7 +137,8 @@ def _record(settings: Settings, summary: IndexBuildSummary, statuses: dict[str, 
                           metadata={"moonpipe.job": "build_index"}).version
     if statuses:
         keys = pa.Table.from_pylist([{"index_version": v, "status": s} for v, s in statuses.items()])
-        existing = delta.read_arrow(uri, filters=[("index_version", "in", list(statuses))])
+        existing = delta.read_arrow(uri)  # one row per build: small
+        existing = existing.filter(pa.compute.is_in(existing.column("index_version"), pa.array(list(statuses))))
         if existing.num_rows:
             update = existing.drop_columns(["status"]).join(keys, "index_version").select(INDEX_VERSIONS.column_names)
             version = delta.merge(update.cast(INDEX_VERSIONS.arrow_schema()), uri, INDEX_VERSIONS,

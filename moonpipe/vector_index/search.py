@@ -39,6 +39,23 @@ class SearchHit:
         return asdict(self)
 
 
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_strings(values: Sequence[str]) -> str:
+    return ", ".join(_sql_string(v) for v in values)
+
+
+def _select(table: Any, columns: str, where: str) -> pa.Table:
+    """A filtered read of a Delta table through delta-rs' query engine (file pruning by stats).
+    pyarrow's dataset filters cannot be used here: files that delta-rs MERGE writes hold
+    string_view columns, which pyarrow's stats pruning fails to compare with string literals."""
+    from deltalake import QueryBuilder
+
+    return pa.table(QueryBuilder().register("t", table).execute(f"SELECT {columns} FROM t WHERE {where}").read_all())
+
+
 class UnknownProduct(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
         return str(self.args[0])
@@ -72,10 +89,12 @@ class IndexSearcher:
 
     def _stored_vectors(self, product_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Vectors of ``product_ids`` as indexed: product_embeddings at the build's table version."""
-        table = delta.read_arrow(
-            self._embeddings_uri(), version=self.manifest["source_table_version"],
-            columns=["product_id", "embedding"],
-            filters=[("model_version", "=", self.model_version), ("product_id", "in", list(product_ids))],
+        from deltalake import DeltaTable
+
+        table = _select(
+            DeltaTable(self._embeddings_uri(), version=self.manifest["source_table_version"]),
+            "product_id, embedding",
+            f"model_version = {_sql_string(self.model_version)} AND product_id IN ({_sql_strings(product_ids)})",
         )
         vectors = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
                              np.float32).reshape(table.num_rows, -1)
@@ -151,7 +170,7 @@ class IndexSearcher:
         uri = self.settings.table_uri("products")
         if not product_ids or not delta.exists(uri):
             return {}
-        table = delta.read_arrow(uri, columns=["product_id", "title"], filters=[("product_id", "in", list(product_ids))])
+        table = _select(delta.open_table(uri), "product_id, title", f"product_id IN ({_sql_strings(product_ids)})")
         return dict(zip(table.column("product_id").to_pylist(), table.column("title").to_pylist()))
 
     def by_product_id(self, product_id: str, k: int = 10, *, filters: Mapping[str, str] | None = None) -> list[SearchHit]:

@@ -65,10 +65,11 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
     return hits / (k * len(exact))
 
 
-def measure_latency(index: faiss.Index, queries: np.ndarray, params: dict[str, int], k: int = 10) -> tuple[float, float]:
+def measure_latency(index: faiss.Index, queries: np.ndarray, params: dict[str, int] | None,
+                    k: int = 10) -> tuple[float, float]:
     """Single-query latency (p50, p99) in ms, one query at a time on one thread, as a serving
-    process answers a request."""
-    search = search_parameters(index, params)
+    process answers a request. ``params=None``: the parameters set on the index itself."""
+    search = search_parameters(index, params) if params is not None else None
     times = np.empty(len(queries))
     with faiss_threads(1):
         index.search(queries[:1], k, params=search)  # first call pays lazy allocations

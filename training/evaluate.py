@@ -38,16 +38,21 @@ def _evaluate_moon3(candidate: str, baseline: str | None, settings: Settings, op
     return result
 
 
-EVALUATORS = {"moon3": _evaluate_moon3}
+def _evaluate_creative4u(candidate: str, baseline: str | None, settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    from training.creative4u_trainer import evaluate_pairs
+
+    return evaluate_pairs(candidate, baseline, settings, options)
+
+
+EVALUATORS = {"moon3": _evaluate_moon3, "creative4u": _evaluate_creative4u}
 
 
 def _manifest(model_kind: str, directory: str) -> dict[str, Any]:
     if model_kind == "moon3":
         from model.moon3_checkpoint import verify_checkpoint
-
-        return verify_checkpoint(directory)
-    manifest = json.loads((Path(directory) / "checkpoint.json").read_text())
-    return manifest
+    else:
+        from model.creative4u_checkpoint import verify_checkpoint
+    return verify_checkpoint(directory)
 
 
 def evaluate(

@@ -36,6 +36,7 @@ class Trainer:
 
 TRAINERS: dict[str, Trainer] = {
     "moon3": Trainer("training.moon3_trainer:Moon3TrainConfig", "training.moon3_trainer:run"),
+    "creative4u": Trainer("training.creative4u_trainer:Creative4UTrainConfig", "training.creative4u_trainer:run"),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from moonpipe.settings import Settings
 from training import registry
 
-DEFAULT_METRIC = {"moon3": "knn_accuracy"}
+DEFAULT_METRIC = {"moon3": "knn_accuracy", "creative4u": "pair_accuracy"}
 
 
 class PromotionRefused(RuntimeError):

@@ -23,7 +23,7 @@ def cmd_training_data(args: argparse.Namespace) -> int:
     return 0
 
 
-KINDS = {"moon": "moon3", "moon3": "moon3"}
+KINDS = {"moon": "moon3", "moon3": "moon3", "creative": "creative4u", "creative4u": "creative4u"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -53,6 +53,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     options = {"gallery_limit": args.gallery_limit, "query_limit": args.query_limit, "threads": args.threads}
+    if KINDS.get(args.kind, args.kind) == "creative4u":
+        options = {"limit": args.query_limit}
     report = evaluate(KINDS.get(args.kind, args.kind), args.candidate,
                       baseline=None if args.baseline == "none" else args.baseline, record=not args.no_record,
                       **{k: v for k, v in options.items() if v is not None})
@@ -89,7 +91,7 @@ def register(add) -> None:
     export.add_argument("--seed", type=int, default=0)
 
     train = add("train", cmd_train, "Train a model with DeepSpeed (one process, --nproc ranks, or a --hostfile).")
-    train.add_argument("model", choices=sorted(KINDS), help="moon: MOON3.0")
+    train.add_argument("model", choices=sorted(KINDS), help="moon: MOON3.0; creative: Creative4U")
     train.add_argument("--config", default=None, help="JSON config file (default: the trainer's defaults)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set run.max_steps=200 --set use_fire=false")

@@ -40,6 +40,7 @@ test: setup
 bench: setup
 	$(VENV)/bin/moonpipe bench moon3 --presets tiny,small --products 128 --reasoning-products 32
 	$(VENV)/bin/moonpipe bench pipeline
+	infra/setup/autofaiss_env.sh && $(VENV)/bin/python -m benchmarks.vector_index
 
 docs: $(DEPS_STAMP)
 	$(VENV)/bin/moonpipe schemas --markdown > docs/tables.md

@@ -41,6 +41,7 @@ bench: setup
 	$(VENV)/bin/moonpipe bench moon3 --presets tiny,small --products 128 --reasoning-products 32
 	$(VENV)/bin/moonpipe bench pipeline
 	infra/setup/autofaiss_env.sh && $(VENV)/bin/python -m benchmarks.vector_index
+	$(VENV)/bin/moonpipe creatives bench all
 
 docs: $(DEPS_STAMP)
 	$(VENV)/bin/moonpipe schemas --markdown > docs/tables.md

@@ -85,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.creative_scoring import main
 
-    return main(args.options)
+    return main(([] if args.part == "all" else ["--only", args.part]) + args.options)
 
 
 def register(add) -> None:
@@ -145,5 +145,6 @@ def register(add) -> None:
     sql.set_defaults(handler=cmd_query)
 
     bench = actions.add_parser("bench", help="Scheduler agreement vs all pairs (N=4..32) and scoring-job pairs/s.")
-    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (-h for them)")
+    bench.add_argument("part", choices=["all", "scheduler", "job"], help="what to measure")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (`all -h` for them)")
     bench.set_defaults(handler=cmd_bench)

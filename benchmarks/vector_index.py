@@ -224,6 +224,8 @@ def print_row(row: dict) -> None:
     print(f"{row['budget']:>6s} {row['tool']:9s} {row['index_key']:34s} {params[:28]:28s} {row['seconds']:8.1f} "
           f"{row['peak_rss'] / 2**20:8.0f} {row['index_mb']:8.1f} {row['recall_at_10']:9.4f} {row['p50_ms']:7.3f} "
           f"{row['p99_ms']:7.3f}", flush=True)
+    if "stages" in row:
+        print(f"{'':17s}stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in row["stages"].items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,7 @@ def build_index(
             "built_at": datetime.now(timezone.utc).isoformat(), "shards": shards,
         }
         summary.index_uri = store.write_version(summary.index_version, built.index, built.id_map, manifest)
+        summary.index_bytes = store.manifest(summary.index_version)["files"]["index.faiss"]["bytes"]
         if fail_after_write:
             raise RuntimeError("injected failure after the version was written, before CURRENT was switched")
         store.set_current(summary.index_version)
@@ -236,5 +237,5 @@ def _describe(summary: IndexBuildSummary, built: "BuiltIndex") -> None:
     summary.rejected_reasons = dict(Counter(r.reason_code for r in built.rejected))
     summary.recall_at_10, summary.latency_p50_ms, summary.latency_p99_ms = (
         built.recall_at_k, built.latency_p50_ms, built.latency_p99_ms)
-    summary.estimated_bytes, summary.index_bytes = built.choice.estimated_bytes, built.index_bytes
+    summary.estimated_bytes = built.choice.estimated_bytes
     summary.seconds.update(built.seconds)

@@ -84,11 +84,11 @@ def test_the_index_type_changes_with_size_and_budget():
     assert choose_index(5_000, 128, "2G").factory == "Flat"  # brute force is under half the latency target
     assert choose_index(5_000, 128, "2G", latency_target_ms=0.05).factory == "HNSW32"  # unless the target is tight
     assert choose_index(100_000, 256, "2G").factory == "HNSW32"
-    assert choose_index(100_000, 256, "100M").factory == "IVF256,PQ32x4fs,Refine(SQ8)"  # graph + vectors do not fit
+    assert choose_index(100_000, 256, "100M").factory == "IVF256,PQ64x4fs,Refine(SQ8)"  # graph + vectors do not fit
     big = choose_index(1_000_000, 256, "2G")
-    assert (big.factory, big.family) == ("IVF1024,PQ32x4fs,RFlat", "ivf_pq_refine_flat")
+    assert (big.factory, big.family) == ("IVF1024,PQ64x4fs,RFlat", "ivf_pq_refine_flat")
     assert big.estimated_bytes <= parse_memory("2G") < big.alternatives["HNSW32"] + big.estimated_bytes
-    assert choose_index(1_000_000, 256, "512M").factory == "IVF1024,PQ32x4fs,Refine(SQ8)"
+    assert choose_index(1_000_000, 256, "512M").factory == "IVF1024,PQ64x4fs,Refine(SQ8)"
     small = choose_index(1_000_000, 256, "64M")
     assert small.factory == "IVF1024,PQ64x4fs" and small.estimated_bytes <= parse_memory("64M")
     with pytest.raises(ValueError, match="too small for 1,000,000 vectors.*Raise --memory-budget"):

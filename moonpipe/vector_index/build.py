@@ -123,7 +123,6 @@ class BuiltIndex:
     rejected: list[RejectedRow] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     tuning: TuneResult | None = None
-    index_bytes: int = 0
 
     @property
     def vector_count(self) -> int:
@@ -211,7 +210,6 @@ def finish(index: faiss.Index, id_map: pa.Table, exact_ids: np.ndarray, queries:
         index=index, id_map=id_map, choice=choice, params=tuned.params, recall_at_k=round(recall, 4),
         recall_target_reached=recall >= options.recall_target, latency_p50_ms=round(p50, 4),
         latency_p99_ms=round(p99, 4), k=k, rejected=rejected, seconds=seconds, tuning=tuned,
-        index_bytes=len(faiss.serialize_index(index)),
     )
 
 

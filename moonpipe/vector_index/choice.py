@@ -111,7 +111,9 @@ def choose_index(
     raw = 4 * d  # float32 vector
     nlist = nlist_for(n)
     centroids = nlist * raw
-    m_refine = _pq_m(d, d / 16) or _pq_m(d, d)  # d/8 sub-quantizers: candidates only, the refine ranks
+    # d/4 sub-quantizers (d/8 bytes): the PQ only proposes candidates, the refine ranks them, but
+    # coarser codes need many more candidates (k_factor) on noisy clusters for the same recall.
+    m_refine = _pq_m(d, d / 8) or _pq_m(d, d)
     train = min(n, max(nlist * 64, 20_000))
 
     options: list[IndexChoice] = []

@@ -106,6 +106,11 @@ class IndexSearcher:
                 f"product {product_id!r} is not in index version {self.loaded.version} (model {self.model_version}); "
                 "it may be new since the build, deleted, or quarantined: check `moonpipe sql` on product_embeddings"
             )
+        row = self._rows()[product_id]
+        index = faiss.downcast_index(self.loaded.index)
+        refine = faiss.downcast_index(index.refine_index) if isinstance(index, faiss.IndexRefine) else None
+        if isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) or isinstance(refine, faiss.IndexFlat):
+            return index.reconstruct(row)  # these keep the exact vectors: no table read
         _, vectors = self._stored_vectors([product_id])
         return vectors[0]
 

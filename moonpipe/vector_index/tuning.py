@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-K_FACTORS = (1, 2, 4, 8, 16, 32)
+K_FACTORS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024)
 
 

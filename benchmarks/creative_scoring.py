@@ -29,7 +29,7 @@ def scheduler_rows(sizes: list[int], trials: int, noise: float, bias: float = 0.
 
     rows = []
     for n in sizes:
-        used, rounds, tau_all, tau_truth_sched, tau_truth_all = [], [], [], [], []
+        used, tau_all, tau_truth_sched, tau_truth_all = [], [], [], []
         for trial in range(trials):
             rng = random.Random(1000 * n + trial)
             quality = {f"c{i:02d}": rng.gauss(0, 1.5) for i in range(n)}
@@ -44,13 +44,7 @@ def scheduler_rows(sizes: list[int], trials: int, noise: float, bias: float = 0.
             items = list(quality)
             rng.shuffle(items)
             full = {s.creative_id: s.rank for s in aggregate(items, judged(itertools.permutations(items, 2)))}
-            calls = []
-
-            def prefer(x: str, y: str) -> float | None:
-                calls.append((x, y))
-                return pair_preference(prob_a(x, y), prob_a(y, x))
-
-            run = rank_group(items, prefer)
+            run = rank_group(items, lambda x, y: pair_preference(prob_a(x, y), prob_a(y, x)))
             pairs = [p for x, y in run.preferences for p in ((x, y), (y, x))]
             scheduled = {s.creative_id: s.rank for s in aggregate(items, judged(pairs))}
             truth = {c: r for r, c in enumerate(sorted(quality, key=quality.get, reverse=True), start=1)}

@@ -310,7 +310,10 @@ def score_creatives(
                 f"table {table.name!r} does not exist under {settings.lake_uri}: load creatives and segments first "
                 f"(samples: `moonpipe creatives build-data --date {run_date}`)"
             )
-    summary = ScoreSummary(run_date.isoformat(), version, decoding, full)
+    from pathlib import Path
+
+    saved = json.loads((Path(model_dir) / "creative4u_config.json").read_text())
+    summary = ScoreSummary(run_date.isoformat(), version, decoding or saved["decoding"], full)
     threads = threads_per_task or int(spark.conf.get("spark.task.cpus", "1"))
     options = tuple(sorted({"decoding": decoding, "device": device, "threads": threads, "max_batch": max_batch}.items()))
     meta = {"moonpipe.job": "score_creatives", "moonpipe.run_date": run_date.isoformat(), "moonpipe.model_version": version}

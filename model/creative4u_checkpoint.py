@@ -119,7 +119,7 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, ver
     """The model saved in ``directory``; it gives the outputs it gave when saved."""
     root = Path(directory)
     manifest = verify_checkpoint(root) if verify else read_manifest(root)
-    config = Creative4UConfig.from_json((root / _CONFIG).read_text()).replace(backbone=str(root / "backbone"))
+    config = Creative4UConfig.from_json((root / _CONFIG).read_text(), backbone=str(root / "backbone"))
     backbone, tokenizer, image_processor = load_local(root / "backbone", dtype=dtype)
     model = Creative4UModel(config, backbone, tokenizer, image_processor)
     model.version = manifest["model_version"]

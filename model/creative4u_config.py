@@ -58,8 +58,12 @@ class Creative4UConfig:
         return json.dumps({"format": CONFIG_FORMAT, **asdict(self)}, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Creative4UConfig":
+    def from_json(cls, text: str, backbone: str | None = None) -> "Creative4UConfig":
+        """The saved config; ``backbone`` replaces the saved one (a checkpoint loads its own copy,
+        so the directory it was trained from need not exist any more)."""
         data = json.loads(text)
+        if backbone is not None:
+            data["backbone"] = backbone
         version = data.pop("format", None)
         if version != CONFIG_FORMAT:
             raise ValueError(f"Creative4U config format {version!r} is not {CONFIG_FORMAT}: re-export the checkpoint")

@@ -95,6 +95,7 @@ def test_score_job_writes_judgments_and_scores(home, scored):
     assert (scored.groups, scored.groups_scored, scored.creatives_in_groups) == (12, 12, 48)
     assert scored.comparisons == 12 * 12 and scored.all_pairs_comparisons == 12 * 12  # N=4: budget covers all pairs
     assert scored.undecided == 0 and scored.quarantined == 0 and scored.comparisons_per_second > 0
+    assert scored.decoding == "guided"  # the checkpoint's setting
     judgments = _rows(home, "creative_judgments")
     assert len(judgments) == scored.comparisons
     for j in judgments:

@@ -136,7 +136,10 @@ def build_sharded(spark: "SparkSession", source: DeltaEmbeddings, options: Build
         seconds["add"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         with stage(f"index (sharded): merge {len(rows)} sub-indices", LOG) as record:
-            merged, exact, id_maps, rejected = trained, ExactTopK(queries, options.k), [], []
+            # A deserialised copy: shards come back as the types FAISS reads (IndexFlatIP, not the
+            # factory's IndexFlat), and merging checks that both sides have the same type.
+            merged = faiss.deserialize_index(faiss.serialize_index(trained))
+            exact, id_maps, rejected = ExactTopK(queries, options.k), [], []
             for row in rows:
                 offset = int(merged.ntotal)
                 with filesystem.open_input_stream(row["index_path"]) as handle:

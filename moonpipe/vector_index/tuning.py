@@ -109,6 +109,7 @@ def tune(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray, *, k: i
     tried: list[dict[str, Any]] = []
     with faiss_threads(1):
         for ladder in _grid(index):
+            previous = -1.0
             for params in ladder:
                 start = time.perf_counter()
                 _, found = index.search(queries, k, params=search_parameters(index, params))
@@ -117,6 +118,9 @@ def tune(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray, *, k: i
                 tried.append({"params": params, "recall": round(recall, 4), "ms_per_query": seconds * 1e3 / len(queries)})
                 if recall >= recall_target:
                     break  # further up this ladder only costs more
+                if recall - previous < 0.002:
+                    break  # a plateau: this ladder's other knob (k_factor) is the limit
+                previous = recall
     reaching = [t for t in tried if t["recall"] >= recall_target]
     best = min(reaching, key=lambda t: t["ms_per_query"]) if reaching else max(tried, key=lambda t: t["recall"])
     return TuneResult(dict(best["params"]), best["recall"], bool(reaching), tried)

@@ -16,17 +16,17 @@ def grouped_bars(path: str | Path, title: str, series: dict[str, dict[str, float
 
     font = ImageFont.load_default()
     group_width, bar_gap, left, top, height = 40 + 26 * len(series), 4, 60, 50, 300
-    width = left + group_width * len(metrics) + 180
+    width = left + group_width * len(metrics) + 240
     image = Image.new("RGB", (width, top + height + 110), "white")
     draw = ImageDraw.Draw(image)
     draw.text((left, 15), title, fill="black", font=font)
     bottom = top + height
     for tick in range(0, 11, 2):
         y = bottom - tick / 10 * height
-        draw.line([(left - 5, y), (width - 170, y)], fill=(225, 225, 225))
+        draw.line([(left - 5, y), (width - 230, y)], fill=(225, 225, 225))
         draw.text((left - 35, y - 6), f"{tick / 10:.1f}", fill="black", font=font)
     draw.line([(left, top), (left, bottom)], fill="black")
-    draw.line([(left, bottom), (width - 170, bottom)], fill="black")
+    draw.line([(left, bottom), (width - 230, bottom)], fill="black")
     for g, metric in enumerate(metrics):
         x0 = left + 10 + g * group_width
         for s, (name, values) in enumerate(series.items()):
@@ -43,8 +43,8 @@ def grouped_bars(path: str | Path, title: str, series: dict[str, dict[str, float
         image.paste(rotated, (int(x0 - 40), bottom + 5), rotated)
     for s, name in enumerate(series):
         y = top + s * 18
-        draw.rectangle([width - 160, y, width - 148, y + 12], fill=COLOURS[s % len(COLOURS)])
-        draw.text((width - 142, y), name[:26], fill="black", font=font)
+        draw.rectangle([width - 220, y, width - 208, y + 12], fill=COLOURS[s % len(COLOURS)])
+        draw.text((width - 202, y), name[:34], fill="black", font=font)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target, format="PNG")

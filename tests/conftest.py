@@ -16,6 +16,11 @@ os.environ.pop("MOONPIPE_LAKE_URI", None)
 os.environ.pop("MOONPIPE_SNAPSHOTS_URI", None)
 os.environ.pop("MOONPIPE_SPARK_CONF", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One Airflow metadata DB (SQLite) per run, configured before anything imports Airflow.
+os.environ["AIRFLOW_HOME"] = str(_HOME / "airflow")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[1] / "dags")
+os.environ.pop("MOONPIPE_EXECUTION_MODE", None)
 
 TEST_SPARK_CONF = {
     "spark.master": "local[2]",
@@ -40,6 +45,19 @@ def settings():
     from moonpipe.settings import Settings
 
     return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    """The run's Airflow metadata database, migrated once (SQLite under the temporary home)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return os.environ["AIRFLOW_HOME"]
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import date
 
@@ -16,14 +15,13 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date: use YYYY-MM-DD, e.g. 2026-11-01") from None
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def cmd_score(args: argparse.Namespace) -> dict:
     from jobs.score_creatives import score_creatives
 
     summary = score_creatives(
         args.date, model_dir=args.model, full=args.full, decoding=args.decoding, device=args.device
     )
-    print(json.dumps(summary.as_dict(), indent=2, default=str))
-    return 0
+    return summary.as_dict()  # printed by the CLI, and XCom in the DAG
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
@@ -43,7 +41,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build_data(args: argparse.Namespace) -> int:
+def cmd_build_data(args: argparse.Namespace) -> dict:
     from jobs.creative_data import build_creative_data
 
     summary = build_creative_data(
@@ -54,8 +52,7 @@ def cmd_build_data(args: argparse.Namespace) -> int:
         mean_impressions=args.impressions,
         seed=args.seed,
     )
-    print(json.dumps(summary.as_dict(), indent=2, default=str))
-    return 0
+    return summary.as_dict()
 
 
 def cmd_query(args: argparse.Namespace) -> int:

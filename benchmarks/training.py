@@ -12,7 +12,8 @@ each variant's cost relative to the first. Variants:
     python -m benchmarks.training --preset tiny --steps 6 --batch 16
     python -m benchmarks.training --preset small --steps 4 --variants nce,joint
 
-The first step of each variant (DeepSpeed set-up, first allocation) is excluded from the timing.
+The first step of each variant (DeepSpeed set-up, first allocation) is excluded from the timing;
+variants run interleaved over ``--rounds`` and each keeps its best round (the machine's load drifts).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-pixels", type=int, default=56 * 56)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the best round is kept")
     parser.add_argument("--home", default=None, help="MOONPIPE_HOME to use (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -65,18 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     spark = get_spark()
     export_training_sets(date(2026, 11, 3), settings, spark, fashion_train_limit=max(512, 8 * args.batch),
                          fashion_test_limit=64)
-    rows = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        overrides = json.loads(json.dumps(VARIANTS[name]))
-        run = {"run_name": f"bench-{name}-{int(time.time())}", "max_steps": args.steps, "micro_batch": args.batch,
-               "checkpoint_every": 0, "threads": args.threads, "warmup_steps": 1, **overrides.pop("run", {})}
-        config = {"run": run, "backbone": args.preset, "image_pixels": args.image_pixels, **overrides}
-        summary = train("moon3", config, settings=settings)
-        rate = _steady_rate(Path(summary["run_dir"]) / "metrics.jsonl", args.batch)
-        rows.append({"variant": name, "zero_stage": summary["zero_stage"], "precision": summary["precision"],
-                     "samples_per_s": round(rate, 2)})
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    best: dict[str, dict] = {}
+    # Variants interleaved over rounds, best round kept: on a shared machine the load drifts, and
+    # the fastest round is the closest to what the variant costs by itself.
+    for round_index in range(args.rounds):
+        for name in names:
+            overrides = json.loads(json.dumps(VARIANTS[name]))
+            run = {"run_name": f"bench-{name}-{round_index}-{int(time.time())}", "max_steps": args.steps,
+                   "micro_batch": args.batch, "checkpoint_every": 0, "threads": args.threads, "warmup_steps": 1,
+                   **overrides.pop("run", {})}
+            config = {"run": run, "backbone": args.preset, "image_pixels": args.image_pixels, **overrides}
+            summary = train("moon3", config, settings=settings)
+            rate = _steady_rate(Path(summary["run_dir"]) / "metrics.jsonl", args.batch)
+            if name not in best or rate > best[name]["samples_per_s"]:
+                best[name] = {"variant": name, "zero_stage": summary["zero_stage"],
+                              "precision": summary["precision"], "samples_per_s": round(rate, 2)}
+    rows = [best[name] for name in names]
     base = rows[0]["samples_per_s"]
-    print(f"MOON3.0 training throughput, preset {args.preset}, batch {args.batch}, {args.steps} steps per variant")
+    print(f"MOON3.0 training throughput, preset {args.preset}, batch {args.batch}, {args.steps} steps per "
+          f"variant, best of {args.rounds} interleaved rounds")
     print(f"{'variant':14s} {'ZeRO':>4s} {'precision':>9s} {'samples/s':>10s} {'vs first':>9s}")
     for row in rows:
         print(f"{row['variant']:14s} {row['zero_stage']:4d} {row['precision']:>9s} {row['samples_per_s']:10.2f} "

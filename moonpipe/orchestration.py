@@ -69,6 +69,11 @@ def index_asset() -> Asset:
     return Asset(name="moonpipe.vector_index", uri=_asset_uri(Settings.from_env().index_uri))
 
 
+def reports_path(*parts: str) -> str:
+    """A folder under MOONPIPE_REPORTS for a task's files (plots, evaluation reports)."""
+    return "/".join([Settings.from_env().reports_dir, *parts])
+
+
 def production_model_asset(kind: str) -> Asset:
     return Asset(name=f"moonpipe.production_model.{kind}", uri=_asset_uri(f"{Settings.from_env().models_dir}/{kind}"))
 
@@ -120,12 +125,16 @@ def job_task(
     execution_timeout: timedelta,
     outlets: Sequence[Asset] = (),
     doc: str = "",
+    spark: bool = True,
     **operator_args: Any,
 ) -> Any:
-    """A task that runs the `moonpipe` command line ``command`` (Jinja-templated) in the configured mode."""
+    """A task that runs the `moonpipe` command line ``command`` (Jinja-templated) in the configured mode.
+
+    ``spark=False`` marks a command that needs no Spark cluster (reports, DeepSpeed launches, the
+    promotion gate): it runs in the Airflow worker's process in both modes."""
     common = dict(task_id=task_id, execution_timeout=execution_timeout, outlets=list(outlets), doc_md=doc)
     common.update(operator_args)
-    if execution_mode() == "local":
+    if execution_mode() == "local" or not spark:
         return PythonOperator(python_callable=run_in_process, op_args=[command], **common)
     settings = Settings.from_env()
     from moonpipe.spark_session import profile_path

@@ -32,7 +32,7 @@ def dagbag(airflow_db):
 
 def test_dags_import_without_errors_and_declare_ownership(dagbag):
     assert dagbag.import_errors == {}
-    assert "catalog_nightly" in dagbag.dags
+    assert {"catalog_nightly", "creative_scoring"} <= set(dagbag.dags)
     for dag_id, dag in dagbag.dags.items():
         assert "moonpipe" in dag.tags, dag_id
         assert dag.max_active_runs == 1, dag_id
@@ -142,3 +142,29 @@ def test_a_failed_embed_leaves_no_partial_output_and_a_retry_completes(spark, da
     state, tasks, xcoms = _run(dag, D2, full_reembed=True, model_dir=None)
     assert state == "success" and tasks["embed"] == "success", tasks
     assert xcoms["embed"]["embedded"] == xcoms["embed"]["live_products"]
+
+
+@pytest.fixture(scope="module")
+def creative_run(dagbag, dag_home, spark):
+    from jobs.creative_data import build_creative_data
+    from model.creative4u_checkpoint import build_model as build_creative4u
+    from model.creative4u_checkpoint import save_checkpoint as save_creative4u
+    from model.creative4u_config import Creative4UConfig
+
+    save_creative4u(build_creative4u(Creative4UConfig(decoding="guided", guided_think_tokens=6)), dag_home.creative_model)
+    data = build_creative_data(
+        D1, dag_home, spark, vendure_products=1, fashion_products=1, creatives_per_product=3, mean_impressions=1100
+    )
+    return data, _run(dagbag.dags["creative_scoring"], D1)
+
+
+def test_creative_scoring_scores_every_group_and_reports(spark, dag_home, creative_run):
+    data, (state, tasks, xcoms) = creative_run
+    assert state == "success" and set(tasks.values()) == {"success"}, tasks
+    scored = xcoms["score_creatives"]
+    scores = delta.read(spark, dag_home.table_uri("creative_scores")).collect()
+    assert len(scores) == data.creatives * data.segments  # one score per creative and segment
+    assert scored["scored"] == len(scores) and scored["groups_scored"] == data.products * data.segments
+    judgments = delta.read(spark, dag_home.table_uri("creative_judgments")).count()
+    assert judgments == scored["comparisons"] > 0
+    assert xcoms["creative_report"]["winner_rows"] > 0 and Path(xcoms["creative_report"]["png"]).is_file()

@@ -63,7 +63,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace) -> dict | int:
     import importlib.util
 
     from jobs.creative_report import MATPLOTLIB_MISSING, build_report, plot_report
@@ -73,10 +73,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     report = build_report(run_date=args.date)
     print(report.text(reasoning_chars=args.reasoning_chars))
+    path = None
     if args.png:
         path = plot_report(report, args.png)
         print(f"plot written to {path}")
-    return 0
+    # What a DAG's report task hands on through XCom.
+    return {
+        "run_date": args.date.isoformat() if args.date else None,
+        "winner_rows": report.winners.num_rows,
+        "scored_rows": report.scores.num_rows,
+        "png": str(path) if path else None,
+    }
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@
     logs       interactions: simulated search sessions where the sample data has no search logs
                (``simulate_search_logs``; ``source = 'simulated:search-v1'``); logged events are
                used the same way
-    pairs      moon3_query_pairs: clicks grouped by (query, product) with the product's split;
+    pairs      moon3_query_pairs: search clicks (not ad-creative clicks) grouped by (query, product), with
+               the product's split;
                moon3_product_pairs: each product paired with another of its leaf category and split.
                Both replace the export date's partition, so a rerun leaves the same tables.
 
@@ -385,6 +386,8 @@ def export_training_sets(
         clicks = (
             delta.read(spark, uris["interactions"])
             .where((F.col("event_type") == "click") & F.col("query").isNotNull() & F.col("product_id").isNotNull())
+            # Search-result clicks only: clicks on ad creatives are the Creative4U data's signal.
+            .where(F.col("creative_id").isNull())
             .where(F.col("event_date").between(F.lit(first_day), F.lit(run_date)))
         )
         grouped = clicks.groupBy("query", "product_id").agg(F.count(F.lit(1)).alias("clicks"))

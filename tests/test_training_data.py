@@ -79,3 +79,25 @@ def test_bad_simulation_parameters_are_refused():
         simulate_search_logs(pa.table({"product_id": ["a"], "category": ["x"], "category_path": ["x"],
                                        "attributes": pa.array([[]], pa.map_(pa.string(), pa.string()))}),
                              RUN, click_noise=1.5)
+
+
+def test_ad_creative_clicks_are_not_search_pairs(spark, export):
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from schemas.tables import INTERACTIONS
+
+    settings, first = export
+    when = dt.datetime(2026, 11, 3, 12, tzinfo=dt.timezone.utc)
+    ad_click = pa.Table.from_pylist([{
+        "event_id": "ad-click-1", "event_date": RUN, "event_time": when, "event_type": "click", "user_id": "u1",
+        "segment_id": "s1", "query": "red dress", "product_id": "FM-TR-00000", "creative_id": "c1",
+        "position": 1, "source": "simulated:creative-clicks",
+    }], schema=INTERACTIONS.arrow_schema())
+    delta.merge(ad_click, settings.table_uri("interactions"), INTERACTIONS)
+    again = export_training_sets(RUN, settings, spark, fashion_train_limit=400, fashion_test_limit=100,
+                                 validation_fraction=0.1, click_noise=0.2)
+    assert again.click_events == first.click_events and again.query_pairs == first.query_pairs
+    queries = delta.read_arrow(settings.table_uri("moon3_query_pairs"), columns=["query"]).column("query").to_pylist()
+    assert "red dress" not in queries

@@ -190,5 +190,8 @@ def test_the_cli_builds_lists_and_searches(catalog, moon3_index, monkeypatch, ca
     previous = IndexStore(settings.index_uri).versions()[-2]
     assert main(["index", "use", previous]) == 0  # a rollback
     assert IndexStore(settings.index_uri).current() == previous
-    with pytest.raises(SystemExit, match="not both"):
-        main(["index", "search", "--product-id", ids[5], "--title", "x"])
+    capsys.readouterr()
+    assert main(["index", "search", "--product-id", ids[5], "--title", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["index", "search", "--product-id", ids[5], "--filter", "color"]) == 2
+    assert "use KEY=VALUE" in capsys.readouterr().err

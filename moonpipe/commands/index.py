@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 
 
@@ -12,12 +13,12 @@ def _filters(pairs: list[str]) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--filter {pair!r}: use KEY=VALUE, e.g. --filter color=red")
+            raise ValueError(f"--filter {pair!r}: use KEY=VALUE, e.g. --filter color=red")
         out[key.strip()] = value.strip()
     return out
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace) -> dict:
     from jobs.build_index import build_index
 
     options = {"memory_budget": args.memory_budget, "latency_target_ms": args.latency_target_ms,
@@ -27,9 +28,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         options["force_index"] = args.index
     if args.shards:
         options["shards"] = args.shards
-    summary = build_index(model_version=args.model_version, **options)
-    print(json.dumps(summary.as_dict(), indent=2))
-    return 0
+    # A dict is the job's run summary: the CLI prints it, Airflow's local mode gets it back.
+    return build_index(model_version=args.model_version, **options).as_dict()
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -38,9 +38,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from moonpipe.vector_index.search import IndexSearcher
 
     if bool(args.product_id) == bool(args.title or args.image):
-        raise SystemExit("search by --product-id ID, or by a new product with --title and/or --image (not both)")
+        print("search by --product-id ID, or by a new product with --title and/or --image (not both)", file=sys.stderr)
+        return 2
+    try:
+        filters = _filters(args.filter)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     searcher = IndexSearcher(version=args.version)
-    filters = _filters(args.filter)
     if args.product_id:
         hits = searcher.by_product_id(args.product_id, args.k, filters=filters)
     else:

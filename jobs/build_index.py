@@ -23,7 +23,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute
 
 from moonpipe import delta
 from moonpipe.settings import Settings
@@ -101,7 +101,7 @@ def _source_row(product_id: str, model_version: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def quarantine_rejected(settings: Settings, rejected: list["RejectedRow"], model_version: str, source_uri: str,
+def quarantine_rejected(settings: Settings, rejected: list[RejectedRow], model_version: str, source_uri: str,
                         build_day: date) -> int | None:
     """MERGE the rows the index could not take into quarantine (stage ``index``): reruns update, never duplicate."""
     if not rejected:
@@ -150,7 +150,7 @@ def _record(settings: Settings, summary: IndexBuildSummary, statuses: dict[str, 
 
 def build_index(
     settings: Settings | None = None,
-    spark: "SparkSession | None" = None,
+    spark: SparkSession | None = None,
     model_version: str | None = None,
     **options: Any,
 ) -> IndexBuildSummary:
@@ -235,7 +235,7 @@ def build_index(
     return summary
 
 
-def _describe(summary: IndexBuildSummary, built: "BuiltIndex") -> None:
+def _describe(summary: IndexBuildSummary, built: BuiltIndex) -> None:
     summary.index_type, summary.index_family = built.choice.factory, built.choice.family
     summary.index_params, summary.vector_count, summary.dimension = built.params, built.vector_count, built.dimension
     summary.rejected_rows = len(built.rejected)

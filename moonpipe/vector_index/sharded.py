@@ -25,7 +25,15 @@ import pyarrow.parquet as pq
 
 from moonpipe import delta, storage
 from moonpipe.progress import stage
-from moonpipe.vector_index.build import BuildOptions, BuiltIndex, ExactTopK, ShardBuilder, finish, split_queries, train_index
+from moonpipe.vector_index.build import (
+    BuildOptions,
+    BuiltIndex,
+    ExactTopK,
+    ShardBuilder,
+    finish,
+    split_queries,
+    train_index,
+)
 from moonpipe.vector_index.choice import choose_index
 from moonpipe.vector_index.sources import DeltaEmbeddings, RejectedRow, split_valid
 
@@ -84,7 +92,7 @@ def _shard_task(batches: Iterator[pa.RecordBatch], trained: bytes, queries: np.n
     }], schema=SHARD_RECORD)
 
 
-def build_sharded(spark: "SparkSession", source: DeltaEmbeddings, options: BuildOptions, shards: int,
+def build_sharded(spark: SparkSession, source: DeltaEmbeddings, options: BuildOptions, shards: int,
                   staging_uri: str) -> BuiltIndex:
     """Build over ``source`` with ``shards`` Spark tasks adding vectors; sub-indices pass through
     ``staging_uri`` (shared storage the executors and the driver both reach)."""

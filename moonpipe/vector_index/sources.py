@@ -96,7 +96,7 @@ def split_valid(batch: pa.RecordBatch | pa.Table, dimension: int) -> tuple[Vecto
 class DeltaEmbeddings:
     """One model version of ``product_embeddings`` at one Delta version, streamed in batches."""
 
-    COLUMNS = ["product_id", "embedding", "attributes", "snapshot_date"]
+    COLUMNS = ("product_id", "embedding", "attributes", "snapshot_date")
 
     def __init__(self, table_uri: str, model_version: str, table_version: int | None = None) -> None:
         table = delta.open_table(table_uri, version=table_version)
@@ -119,7 +119,7 @@ class DeltaEmbeddings:
         self.description = f"{table_uri}@v{self.table_version} model_version={model_version}"
 
     def batches(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[VectorBatch, list[RejectedRow]]]:
-        for batch in self._dataset.to_batches(columns=self.COLUMNS, batch_size=batch_rows):
+        for batch in self._dataset.to_batches(columns=list(self.COLUMNS), batch_size=batch_rows):
             if batch.num_rows:
                 yield split_valid(batch, self.dimension)
 

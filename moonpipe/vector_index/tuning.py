@@ -43,7 +43,7 @@ def search_parameters(index: faiss.Index, params: dict[str, int], selector: Any 
     if isinstance(index, faiss.IndexRefine):
         base = search_parameters(index.base_index, params, selector)
         out = faiss.IndexRefineSearchParameters(k_factor=float(params.get("k_factor", 1)), base_index_params=base)
-        out._keep = base  # noqa: SLF001
+        out._keep = base
         return out
     if isinstance(index, faiss.IndexIVF):
         out = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 1)))
@@ -55,7 +55,7 @@ def search_parameters(index: faiss.Index, params: dict[str, int], selector: Any 
         out = faiss.SearchParameters()
     if selector is not None:
         out.sel = selector
-        out._keep_sel = selector  # noqa: SLF001
+        out._keep_sel = selector
     return out
 
 

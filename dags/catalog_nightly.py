@@ -1,9 +1,11 @@
-"""catalog_nightly: the day's catalog snapshot -> validated products -> MOON3.0 embeddings -> index.
+"""catalog_nightly: the day's catalog snapshot -> validated products -> MOON3.0 embeddings -> FAISS index.
 
     wait_for_snapshot  the exporter's `_SUCCESS` marker in MOONPIPE_SNAPSHOTS_URI/dt=DATE
     load_snapshot      raw rows into catalog_snapshots (the date's partition replaced)
     ingest             Great Expectations; bad rows to quarantine; products MERGEd (deletions flagged)
     embed              new and changed products through MOON3.0 into product_embeddings
+    build_index        FAISS index of the model version's vectors: chosen, tuned, measured, published
+                       atomically as a new version (index_versions records it)
 
 Runs one date after the other (depends_on_past, one active run), so a backfill of several dates
 replays the catalog's history in order; every job is idempotent per date, so a rerun is a no-op on
@@ -20,6 +22,7 @@ from airflow.sdk import DAG, Param
 from moonpipe.orchestration import (
     DEFAULT_ARGS,
     RUN_DATE,
+    index_asset,
     job_task,
     lake_asset,
     snapshot_sensor,
@@ -63,4 +66,11 @@ with DAG(
         execution_timeout=timedelta(hours=4),
         outlets=[lake_asset("product_embeddings")],
     )
-    wait >> load >> ingest >> embed
+    index = job_task(
+        "build_index",
+        # The version the embed task just wrote, from its run summary.
+        "index build --model-version {{ ti.xcom_pull(task_ids='embed')['model_version'] }}",
+        execution_timeout=timedelta(hours=3),
+        outlets=[index_asset(), lake_asset("index_versions")],
+    )
+    wait >> load >> ingest >> embed >> index

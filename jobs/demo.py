@@ -1,26 +1,39 @@
-"""The main job on the embedded default: local Spark, a local Delta lake, the real sample data.
+"""The main job on the embedded default: the real Airflow DAGs over local Spark, a local Delta lake
+and the real sample data.
 
-Builds the dated sample snapshots and, day by day, runs the nightly catalog pipeline: keep the raw
-snapshot, ingest it (Great Expectations, quarantine, products MERGE), embed what is new or changed
-with MOON3.0. Every step is idempotent, so running the demo again changes nothing.
+    1. sample sources: dated catalog snapshots (with churn) and creatives with simulated traffic
+    2. bootstrap models: untrained MOON3.0 and Creative4U checkpoints, until training promotes better ones
+    3. `catalog_nightly` through Airflow (dag.test, SQLite metadata) on two consecutive dates:
+       wait for the snapshot -> load -> ingest (GX) -> embed (MOON3.0) -> build and publish the index
+    4. `creative_scoring` through Airflow on the last date
+    5. where everything is, a similarity search for a real product, the winning creative per segment
+
+Every step is idempotent: running the demo again changes no data.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import date, timedelta
+import os
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from moonpipe.progress import stage
-from moonpipe.settings import Settings
+from moonpipe.settings import PROJECT_ROOT, Settings
 
 LOG = logging.getLogger("moonpipe.demo")
 SAMPLE_START_DATE = "2026-11-01"
+LAKE_TABLES = (
+    "catalog_snapshots", "products", "quarantine", "product_embeddings", "index_versions",
+    "creatives", "user_segments", "interactions", "creative_judgments", "creative_scores",
+)
 
 
 def ensure_bootstrap_model(settings: Settings, preset: str = "tiny") -> str:
-    """The MOON3.0 checkpoint the demo embeds with: an untrained one until training (a later issue)
-    registers a better model."""
+    """The MOON3.0 checkpoint the demo embeds with: an untrained one until training promotes a better one."""
     from model.moon3_checkpoint import build_model, read_manifest, save_checkpoint
     from model.moon3_config import Moon3Config
 
@@ -31,49 +44,154 @@ def ensure_bootstrap_model(settings: Settings, preset: str = "tiny") -> str:
     return read_manifest(target)["model_version"]
 
 
-def run_demo(days: int = 3, fashion_items: int = 300, settings: Settings | None = None) -> dict:
-    from jobs.embed import embed
-    from jobs.ingest import ingest
-    from jobs.load_snapshot import load_snapshot
-    from jobs.sample_catalog import build_sample_snapshots
-    from moonpipe import delta
-    from moonpipe.spark_session import get_spark
+def ensure_bootstrap_creative_model(settings: Settings) -> str:
+    """An untrained Creative4U; guided decoding keeps its output in the protocol's format."""
+    from model.creative4u_checkpoint import build_model, read_manifest, save_checkpoint
+    from model.creative4u_config import Creative4UConfig
 
+    target = Path(settings.creative_model)
+    if not target.exists():
+        save_checkpoint(build_model(Creative4UConfig(decoding="guided")), target)
+    return read_manifest(target)["model_version"]
+
+
+def configure_airflow(settings: Settings) -> str:
+    """Airflow on the embedded default: SQLite metadata under MOONPIPE_HOME, this project's dags/.
+    Must run before anything imports Airflow (it reads its configuration once)."""
+    os.environ.setdefault("AIRFLOW_HOME", f"{settings.home}/airflow")
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")  # task logs: warnings up
+    result = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`airflow db migrate` failed in {os.environ['AIRFLOW_HOME']}:\n{result.stderr[-3000:]}")
+    return os.environ["AIRFLOW_HOME"]
+
+
+def run_dag(dag_id: str, day: date, **conf) -> dict:
+    """One real DAG run (dag.test: the tasks run in this process); its task states and summaries."""
+    from airflow.models import DagBag
+
+    bag = DagBag(str(PROJECT_ROOT / "dags"))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    started = time.perf_counter()
+    run = bag.dags[dag_id].test(logical_date=datetime(day.year, day.month, day.day, tzinfo=timezone.utc), run_conf=conf)
+    instances = run.get_task_instances()
+    states = {ti.task_id: str(ti.state) for ti in instances}
+    if str(run.state) != "success":
+        raise RuntimeError(f"{dag_id} {day}: run {run.state}; tasks {states} (see the task logs above)")
+    summaries = {ti.task_id: ti.xcom_pull(task_ids=ti.task_id) for ti in instances}
+    return {"states": states, "summaries": summaries, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_demo(days: int = 2, fashion_items: int = 300, settings: Settings | None = None) -> dict:
     settings = settings or Settings.from_env()
     start = date.fromisoformat(SAMPLE_START_DATE)
-    with stage("build sample snapshots", LOG) as record:
+    last = start + timedelta(days=days - 1)
+    with stage("Airflow metadata DB (SQLite)", LOG):
+        airflow_home = configure_airflow(settings)
+
+    from jobs.creative_data import build_creative_data
+    from jobs.sample_catalog import build_sample_snapshots
+    from moonpipe.spark_session import get_spark
+
+    with stage("sample catalog snapshots (Vendure + Fashion-MNIST, with churn)", LOG) as record:
         infos = build_sample_snapshots(
-            out_uri=settings.snapshots_uri,
-            raw_data_dir=settings.raw_data_dir,
-            start_date=start,
-            days=days,
-            fashion_items=fashion_items,
+            settings.snapshots_uri, settings.raw_data_dir, start_date=start, days=days, fashion_items=fashion_items
         )
         record.rows = sum(i.rows for i in infos)
-    with stage("MOON3.0 model", LOG):
-        version = ensure_bootstrap_model(settings)
+    with stage("bootstrap models", LOG):
+        moon3_version = ensure_bootstrap_model(settings)
+        creative_version = ensure_bootstrap_creative_model(settings)
     with stage("start Spark", LOG):
         spark = get_spark()
+    with stage("sample creatives and simulated traffic", LOG):
+        creative_data = build_creative_data(
+            last, settings, spark, vendure_products=6, fashion_products=6, creatives_per_product=5
+        )
+
     nights = []
     for offset in range(days):
         day = start + timedelta(days=offset)
-        with stage(f"night of {day}", LOG):
-            load_snapshot(day, settings, spark)
-            nights.append((day, ingest(day, settings, spark), embed(day, settings.moon3_model, settings, spark)))
+        with stage(f"Airflow: catalog_nightly {day}", LOG):
+            nights.append((day, run_dag("catalog_nightly", day)))
+    with stage(f"Airflow: creative_scoring {last}", LOG):
+        scoring = run_dag("creative_scoring", last)
 
-    print(f"\nMOON3.0 {version} over {days} nightly snapshots (lake: {settings.lake_uri})")
+    _print_report(settings, airflow_home, moon3_version, creative_version, nights, scoring, creative_data)
+    return {
+        "moon3_version": moon3_version,
+        "creative_version": creative_version,
+        "nights": [(d.isoformat(), r["summaries"]) for d, r in nights],
+        "creative_scoring": scoring["summaries"],
+    }
+
+
+def _print_report(settings, airflow_home, moon3_version, creative_version, nights, scoring, creative_data) -> None:
+    from moonpipe import delta
+
+    print(f"\n== catalog_nightly (MOON3.0 {moon3_version}) ==")
     print(f"{'date':12s} {'rows':>5s} {'valid':>5s} {'quar.':>5s} {'new':>4s} {'chg':>4s} {'del':>4s}"
-          f" {'embedded':>8s} {'unchanged':>9s}  seconds")
-    for day, ingested, embedded in nights:
-        seconds = sum(ingested.seconds.values()) + sum(embedded.seconds.values())
+          f" {'embedded':>8s} {'unchanged':>9s} {'index':>22s} {'recall@10':>9s} {'p50 ms':>7s} {'run s':>6s}")
+    for day, run in nights:
+        ingested, embedded, index = (run["summaries"][t] for t in ("ingest", "embed", "build_index"))
         print(
-            f"{day.isoformat():12s} {ingested.rows_in:5d} {ingested.rows_valid:5d} {ingested.rows_quarantined:5d} "
-            f"{ingested.inserted:4d} {ingested.updated:4d} {ingested.deleted:4d} {embedded.embedded:8d} "
-            f"{embedded.skipped_unchanged:9d}  {seconds:6.1f}"
+            f"{day.isoformat():12s} {ingested['rows_in']:5d} {ingested['rows_valid']:5d} "
+            f"{ingested['rows_quarantined']:5d} {ingested['inserted']:4d} {ingested['updated']:4d} "
+            f"{ingested['deleted']:4d} {embedded['embedded']:8d} {embedded['skipped_unchanged']:9d} "
+            f"{index['index_type'] + ' ' + index['index_version'][-8:]:>22s} {index['recall_at_10'] or 0:9.3f} "
+            f"{index['latency_p50_ms'] or 0:7.3f} {run['seconds']:6.1f}"
         )
-    print("\ntables:")
-    for table in ("catalog_snapshots", "products", "quarantine", "product_embeddings"):
+    scored = scoring["summaries"]["score_creatives"]
+    print(f"\n== creative_scoring (Creative4U {creative_version}) ==")
+    print(
+        f"{creative_data.products} products x {creative_data.segments} segments, {creative_data.creatives} creatives, "
+        f"{creative_data.creative_pairs} labelled CreativePairs from {creative_data.impressions:,} simulated "
+        f"impressions; {scored['groups_scored']} groups scored with {scored['comparisons']} comparisons "
+        f"(all pairs: {scored['all_pairs_comparisons']}), {scored['undecided']} undecided"
+    )
+
+    print(f"\n== where things are ==\nAirflow home (SQLite metadata, task logs): {airflow_home}")
+    for table in LAKE_TABLES:
         uri = settings.table_uri(table)
-        print(f"  {table:20s} v{delta.version(uri):<4d} {uri}")
-    print(f"\nData Docs (Great Expectations) of the last night: {nights[-1][1].data_docs}")
-    return {"model_version": version, "nights": [(d.isoformat(), i.as_dict(), e.as_dict()) for d, i, e in nights]}
+        if delta.exists(uri):
+            print(f"  {table:20s} v{delta.version(uri):<4d} {uri}")
+    index = nights[-1][1]["summaries"]["build_index"]
+    print(f"  FAISS index          {index['index_version']} (CURRENT) {index['index_uri']}")
+    print(f"  Data Docs (GX)       {nights[-1][1]['summaries']['ingest']['data_docs']}")
+    if scoring["summaries"].get("creative_report", {}).get("png"):
+        print(f"  creative report      {scoring['summaries']['creative_report']['png']}")
+
+    _print_similar_products(settings)
+    _print_winning_creatives(settings)
+    print("\nNote: both models are untrained bootstraps; `moonpipe train moon|creative` + `moonpipe promote` "
+          "replace them (docs/training.md).")
+
+
+def _print_similar_products(settings: Settings) -> None:
+    from moonpipe import delta
+    from moonpipe.vector_index.search import IndexSearcher
+
+    searcher = IndexSearcher(settings)
+    photos = delta.read_arrow(settings.table_uri("products"), columns=["product_id", "title", "is_deleted"])
+    query = next(r for r in sorted(photos.to_pylist(), key=lambda r: r["product_id"])
+                 if not r["is_deleted"] and not r["product_id"].startswith("FM-"))
+    print(f"\n== similar products to {query['product_id']} ({query['title']}) ==")
+    for hit in searcher.by_product_id(query["product_id"], k=5):
+        print(f"  {hit.score:6.3f}  {hit.product_id:28s} {hit.title}")
+
+
+def _print_winning_creatives(settings: Settings) -> None:
+    from jobs.creative_views import query
+
+    winners = query("SELECT product_id, segment_id, winner_creative_id, strength, reasoning FROM creative_winners "
+                    "ORDER BY product_id, segment_id", settings).to_pylist()
+    if not winners:
+        print("\nno creative winners yet")
+        return
+    product = winners[0]["product_id"]
+    print(f"\n== winning creative per segment for {product} ==")
+    for row in (w for w in winners if w["product_id"] == product):
+        reasoning = "".join(c if c.isprintable() else "?" for c in (row["reasoning"] or ""))[:70]
+        print(f"  {row['segment_id']:18s} {row['winner_creative_id']:34s} strength {row['strength']:6.2f}  {reasoning}")

@@ -207,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    demo = add("demo", cmd_demo, "Run the main job on the embedded default (local Spark, local Delta, sample data).")
-    demo.add_argument("--days", type=int, default=3, help="sample snapshot days (default 3)")
+    demo = add(
+        "demo", cmd_demo, "Run the DAGs end to end on the embedded default (Airflow with SQLite, local Spark and "
+        "Delta, sample data)."
+    )
+    demo.add_argument("--days", type=int, default=2, help="consecutive sample dates through catalog_nightly (2)")
     demo.add_argument("--fashion-items", type=int, default=300, help="Fashion-MNIST products per snapshot")
 
     snapshots = add("snapshots", lambda a: a.snapshots_parser.print_help() or 2, "Sample catalog snapshots.")

@@ -45,7 +45,9 @@ def test_dags_import_without_errors_and_declare_ownership(dagbag):
 
 def test_catalog_nightly_shape_and_params(dagbag):
     dag = dagbag.dags["catalog_nightly"]
-    assert [t.task_id for t in dag.topological_sort()] == ["wait_for_snapshot", "load_snapshot", "ingest", "embed"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "wait_for_snapshot", "load_snapshot", "ingest", "embed", "build_index"
+    ]
     assert set(dag.params.keys()) == {"date", "model_dir", "full_reembed"}
     assert all(t.depends_on_past for t in dag.tasks)  # backfills replay dates in order
     assert {a.name for a in dag.get_task("embed").outlets} == {"moonpipe.product_embeddings"}
@@ -109,6 +111,9 @@ def test_catalog_nightly_runs_two_days_into_the_tables(spark, dag_home, nightly_
     assert xcoms2["ingest"]["snapshot_date"] == D2.isoformat()
     assert 0 < xcoms2["embed"]["to_embed"] < live  # day 2 embeds only what changed
     assert xcoms2["load_snapshot"]["rows"] == xcoms2["ingest"]["rows_in"]
+    index = xcoms2["build_index"]
+    assert index["status"] == "published" and index["vector_count"] == live
+    assert index["model_version"] == xcoms2["embed"]["model_version"] and index["current"] == index["index_version"]
 
 
 def test_rerunning_a_date_is_a_no_op_on_the_data(spark, dagbag, dag_home, nightly_runs):

@@ -206,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"embeddings": str(folder / "embeddings"), "index_path": str(index_path), "infos_path": str(infos_path),
                     "budget": budget, "build_memory": args.autofaiss_build_memory, "query_ms": args.autofaiss_query_ms,
                     "cores": os.cpu_count()}
-            result = run_child([str(autofaiss_python), "-c", AUTOFAISS_RUNNER, json.dumps(spec)], args.timeout)
+            try:
+                result = run_child([str(autofaiss_python), "-c", AUTOFAISS_RUNNER, json.dumps(spec)], args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{budget:>6s} autofaiss did not finish within --timeout {args.timeout} s (killed)", flush=True)
+                rows.append({"budget": budget, "tool": "autofaiss", "timed_out_after": args.timeout})
+                continue
             result |= evaluate(index_path, folder, None, result["index_param"])
             result["params"] = result["index_param"]
             rows.append({"budget": budget, "tool": "autofaiss", **result})

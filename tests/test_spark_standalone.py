@@ -263,7 +263,7 @@ def runs(spark, tmp_path_factory) -> SimpleNamespace:
 def test_the_job_ran_on_both_workers_of_the_cluster(runs):
     report, cluster = runs.report, runs.cluster
     assert report["master"] == cluster.url
-    assert report["default_parallelism"] == 2  # the cluster's two cores, not a local master's
+    assert report["default_parallelism"] == 2  # one core on each of the two workers
     # The driver's block manager and one executor's per worker, all on loopback.
     assert len(report["block_managers"]) == 3
     assert all(bm.startswith("127.0.0.1:") for bm in report["block_managers"])

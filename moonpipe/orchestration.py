@@ -97,7 +97,8 @@ class JobSubmitOperator(SparkSubmitOperator):
     template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "command")
 
     def __init__(self, *, command: str, summary_dir: str, **kwargs: Any) -> None:
-        super().__init__(application=str(CLI_SCRIPT), **kwargs)
+        # Kubernetes cluster deploy mode wants the driver image's copy: local:///opt/moonpipe/moonpipe/cli.py
+        super().__init__(application=os.environ.get("MOONPIPE_SPARK_APPLICATION", str(CLI_SCRIPT)), **kwargs)
         self.command = command
         self.summary_dir = summary_dir
 

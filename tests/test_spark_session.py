@@ -58,7 +58,7 @@ def test_overrides_apply_in_order(monkeypatch):
 
 
 def test_unknown_profile_names_the_known_ones():
-    with pytest.raises(FileNotFoundError, match=r"Spark profile 'yarn' not found .*\['k8s-gpu', 'local'\]"):
+    with pytest.raises(FileNotFoundError, match=r"Spark profile 'yarn' not found .*\['k8s-gpu', 'local', 'standalone'\]"):
         profile_path("yarn")
 
 

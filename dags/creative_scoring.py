@@ -6,7 +6,8 @@
     creative_report    the analysts' views (winners, score distributions, position-bias and
                        undecided rates) checked end to end; plot under MOONPIPE_REPORTS
 
-The creatives and interactions tables are filled upstream (the sample data: `moonpipe creatives
+Triggered by the `products` Asset that catalog_nightly's ingest updates. The creatives and
+interactions tables are filled upstream (the sample data: `moonpipe creatives
 build-data`). Idempotent per date; Params: `date`, `model_dir` (default: the configured production
 Creative4U), `full_rescore`.
 """
@@ -22,7 +23,9 @@ from moonpipe.orchestration import DEFAULT_ARGS, RUN_DATE, job_task, lake_asset,
 with DAG(
     dag_id="creative_scoring",
     description="Creative4U batch scoring of new creatives per user segment",
-    schedule="0 5 * * *",
+    # After each nightly ingest: product titles are part of what the judge reads, so a changed
+    # catalog can change a group's inputs (unchanged groups are skipped by the job).
+    schedule=[lake_asset("products")],
     start_date=datetime(2026, 11, 1),
     catchup=False,
     max_active_runs=1,

@@ -101,3 +101,35 @@ def test_ad_creative_clicks_are_not_search_pairs(spark, export):
     assert again.click_events == first.click_events and again.query_pairs == first.query_pairs
     queries = delta.read_arrow(settings.table_uri("moon3_query_pairs"), columns=["query"]).column("query").to_pylist()
     assert "red dress" not in queries
+
+
+def test_catalog_products_join_the_corpus_and_category_less_ones_are_counted(spark, tmp_path):
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from jobs.sample_sources import read_vendure_products
+    from schemas.tables import PRODUCTS
+
+    settings = Settings.from_env(home=str(tmp_path))
+    vendure = read_vendure_products(settings.raw_data_dir)[:4]
+    now = dt.datetime(2026, 11, 3, tzinfo=dt.timezone.utc)
+    rows = [{
+        "product_id": f"V-{i}", "title": p.name, "description": p.description,
+        "category_path": p.category_path if i else None, "brand": None,
+        "attributes": [(k, v) for k, v in p.facets if k != "category"], "price": p.variants[0].price,
+        "currency": "USD", "image_bytes": p.image_path.read_bytes(), "source": "vendure", "content_hash": f"h{i}",
+        "first_seen_date": RUN, "last_changed_date": RUN, "is_deleted": i == 3, "deleted_date": None, "updated_at": now,
+    } for i, p in enumerate(vendure)]
+    delta.write(pa.Table.from_pylist(rows, schema=PRODUCTS.arrow_schema()), settings.table_uri("products"), PRODUCTS)
+    summary = export_training_sets(RUN, settings, spark, fashion_train_limit=20, fashion_test_limit=5)
+    # V-0 has no category (left out, counted), V-3 is deleted (not live), V-1 and V-2 join the corpus.
+    assert summary.catalog_products == 3 and summary.catalog_without_category == 1
+    assert summary.corpus_rows == 2 + 25
+    corpus = {r["product_id"]: r for r in delta.read_arrow(settings.table_uri("training_products")).to_pylist()}
+    for pid in ("V-1", "V-2"):
+        row = corpus[pid]
+        assert row["source"] == "catalog" and row["category"] == vendure[int(pid[2:])].category_path.split(" > ")[-1]
+        assert row["reasoning_target"].startswith(f"category: {row['category']}")
+        assert row["split"] in ("train", "validation")
+    assert "V-0" not in corpus and "V-3" not in corpus

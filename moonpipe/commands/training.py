@@ -67,9 +67,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from training.promote import promote
+    import sys
 
-    decision = promote(KINDS.get(args.kind, args.kind), args.version, metric=args.metric, margin=args.margin)
+    from training.promote import PromotionRefused, promote
+
+    try:
+        decision = promote(KINDS.get(args.kind, args.kind), args.version, metric=args.metric, margin=args.margin)
+    except PromotionRefused as refused:
+        print(f"promotion refused: {refused}", file=sys.stderr)
+        return 2
     _print(decision)
     return 0 if decision["promoted"] or decision.get("reason") == "already production" else 3
 
@@ -107,7 +113,7 @@ def register(add) -> None:
     evaluate.add_argument("--threads", type=int, default=None)
     evaluate.add_argument("--no-record", action="store_true", help="do not write the model_registry row")
 
-    promote = add("promote", cmd_promote, "Promote a candidate if it beats production by the margin (exit 3 if not).")
+    promote = add("promote", cmd_promote, "Promote a candidate if it beats production by the margin (exit 3 if not, 2 if it cannot decide).")
     promote.add_argument("--kind", default="moon3")
     promote.add_argument("--version", default=None, help="model version (default: the newest candidate)")
     promote.add_argument("--metric", default=None, help="gate metric (moon3: knn_accuracy)")

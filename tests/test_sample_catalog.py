@@ -70,13 +70,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Snapshot
     return root, infos
 
 
-def test_returns_one_info_per_day_and_writes_both_files(built):
+def test_returns_one_info_per_day_and_writes_data_manifest_and_ready_marker(built):
     root, infos = built
     assert [i.date for i in infos] == _dates()
     assert [i.reused for i in infos] == [False] * DAYS
     for info in infos:
         assert Path(info.uri) == _folder(root, info.date)
-        assert sorted(p.name for p in Path(info.uri).iterdir()) == ["_churn.json", "catalog.parquet"]
+        assert sorted(p.name for p in Path(info.uri).iterdir()) == ["_SUCCESS", "_churn.json", "catalog.parquet"]
 
 
 def test_every_day_conforms_to_the_contract(built):

@@ -10,7 +10,7 @@ def _print(payload: object) -> None:
     print(json.dumps(payload, indent=2, default=str))
 
 
-def cmd_training_data(args: argparse.Namespace) -> int:
+def cmd_training_data(args: argparse.Namespace) -> dict:
     from jobs.training_data import export_training_sets
 
     summary = export_training_sets(
@@ -19,14 +19,13 @@ def cmd_training_data(args: argparse.Namespace) -> int:
         simulate=not args.no_simulate, sessions_per_product=args.sessions_per_product,
         click_noise=args.click_noise, seed=args.seed,
     )
-    _print(summary.as_dict())
-    return 0
+    return summary.as_dict()
 
 
 KINDS = {"moon": "moon3", "moon3": "moon3", "creative": "creative4u", "creative4u": "creative4u"}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> dict:
     from training.launch import load_config, train
     from training.run_config import to_dict
 
@@ -45,11 +44,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             target[leaf] = value
     config = load_config(kind, config)
-    _print(train(kind, config, nproc=args.nproc, hostfile=args.hostfile))
-    return 0
+    return train(kind, config, nproc=args.nproc, hostfile=args.hostfile)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace) -> dict:
     from training.evaluate import evaluate
 
     options = {"gallery_limit": args.gallery_limit, "query_limit": args.query_limit, "threads": args.threads}
@@ -62,11 +60,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary["candidate"] = report["candidate"]["metrics"]
     summary["baseline"] = report["baseline"]["metrics"] if report.get("baseline") else None
     summary["reference"] = report.get("reference")
-    _print(summary)
-    return 0
+    return summary
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
+def cmd_promote(args: argparse.Namespace) -> dict | int:
     import sys
 
     from training.promote import PromotionRefused, promote
@@ -76,8 +73,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
     except PromotionRefused as refused:
         print(f"promotion refused: {refused}", file=sys.stderr)
         return 2
+    if decision["promoted"] or decision.get("reason") == "already production" or args.allow_refusal:
+        return decision
     _print(decision)
-    return 0 if decision["promoted"] or decision.get("reason") == "already production" else 3
+    return 3
 
 
 def register(add) -> None:
@@ -118,3 +117,5 @@ def register(add) -> None:
     promote.add_argument("--version", default=None, help="model version (default: the newest candidate)")
     promote.add_argument("--metric", default=None, help="gate metric (moon3: knn_accuracy)")
     promote.add_argument("--margin", type=float, default=0.005, help="absolute improvement required (0.005)")
+    promote.add_argument("--allow-refusal", action="store_true",
+                         help="exit 0 when the gate refuses (schedulers: a refusal is an outcome, not a failure)")

@@ -46,7 +46,9 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 # The date a run works on: the `date` Param when given (backfills by hand), else the run's logical date.
-RUN_DATE = "{{ params.date or ds }}"
+# An asset-triggered run (creative_scoring after each ingest) has no logical date, hence no `ds`
+# (a template reading it fails): it works on the day it was triggered (its run_after).
+RUN_DATE = "{{ params.date or (ds if ds is defined else dag_run.run_after | ds) }}"
 
 
 def execution_mode() -> str:

@@ -158,7 +158,7 @@ def creative_run(dagbag, dag_home, spark):
 
     save_creative4u(build_creative4u(Creative4UConfig(decoding="guided", guided_think_tokens=6)), dag_home.creative_model)
     data = build_creative_data(
-        D1, dag_home, spark, vendure_products=1, fashion_products=1, creatives_per_product=3, mean_impressions=1100
+        D1, dag_home, spark, vendure_products=2, fashion_products=1, creatives_per_product=4, mean_impressions=1100
     )
     return data, _run(dagbag.dags["creative_scoring"], D1)
 
@@ -173,3 +173,37 @@ def test_creative_scoring_scores_every_group_and_reports(spark, dag_home, creati
     judgments = delta.read(spark, dag_home.table_uri("creative_judgments")).count()
     assert judgments == scored["comparisons"] > 0
     assert xcoms["creative_report"]["winner_rows"] > 0 and Path(xcoms["creative_report"]["png"]).is_file()
+
+
+MOON3_FAST = [
+    "run.max_steps=2", "run.micro_batch=6", "run.warmup_steps=1", "run.checkpoint_every=1", "run.threads=2",
+    "sft_warmup_steps=0", "grpo_every=1", "grpo_products=2", "grpo_group_size=2", "max_reasoning_tokens=6",
+]
+CREATIVE4U_FAST = [
+    "run.max_steps=2", "run.micro_batch=2", "run.warmup_steps=1", "run.checkpoint_every=0", "run.threads=2",
+    "sft_steps=1", "grpo_pairs=1", "grpo_group_size=2", "grpo_think_tokens=4", "heldout_fraction=0.5",
+]
+
+
+def test_retraining_trains_evaluates_and_gates_both_models(spark, dagbag, dag_home, creative_run):
+    conf = {
+        "export_args": ["--fashion-train-limit", "160", "--fashion-test-limit", "40"],
+        "moon3_overrides": MOON3_FAST,
+        "creative4u_overrides": CREATIVE4U_FAST,
+        "evaluate_args": ["--gallery-limit", "160", "--query-limit", "40"],
+        "margin": 0.0,
+    }
+    state, tasks, xcoms = _run(dagbag.dags["retraining"], D2, **conf)
+    assert state == "success" and set(tasks.values()) == {"success"}, tasks
+    assert xcoms["export_training_sets"]["fashion_mnist_products"] == 200
+    for kind in ("moon3", "creative4u"):
+        trained = xcoms[f"train_{kind}"]
+        assert trained["steps"] == 2 and Path(trained["checkpoint_dir"]).is_dir()
+        assert xcoms[f"evaluate_{kind}"]["candidate_version"] == trained["model_version"]
+        decision = xcoms[f"promote_{kind}"]
+        assert decision["model_version"] == trained["model_version"]
+        assert decision["promoted"]  # the first candidate of a kind: nothing in production to beat
+    rows = delta.read_arrow(dag_home.table_uri("model_registry")).to_pylist()
+    assert {(r["model_name"], r["model_version"]) for r in rows if r["is_production"]} == {
+        (kind, xcoms[f"train_{kind}"]["model_version"]) for kind in ("moon3", "creative4u")
+    }

@@ -14,30 +14,19 @@ rename, so a crash never leaves half a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model import checkpoint_dir
 from model.backbone import PRESETS, build_preset, load_local
+from model.checkpoint_dir import CheckpointError, verify_files, write_checkpoint  # noqa: F401  (re-exported)
 from model.creative4u import Creative4UModel
 from model.creative4u_config import Creative4UConfig
-from moonpipe.storage import sha256_file
 
-CHECKPOINT_FORMAT = 1
 MODEL_NAME = "creative4u"
-_MANIFEST = "checkpoint.json"
 _CONFIG = "creative4u_config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or corrupt."""
 
 
 def build_model(config: Creative4UConfig, dtype: torch.dtype | None = None, device: str | None = None) -> Creative4UModel:
@@ -55,64 +44,30 @@ def build_model(config: Creative4UConfig, dtype: torch.dtype | None = None, devi
 
 def save_checkpoint(model: Creative4UModel, directory: str | Path, parent_version: str | None = None) -> str:
     """Write ``model`` to ``directory`` (which must not exist yet); returns the model version."""
-    target = Path(directory)
-    if target.exists():
-        raise FileExistsError(f"checkpoint directory {target} already exists: choose a new one per version")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        backbone_dir = staging / "backbone"
+
+    def write_files(folder: Path) -> None:
+        backbone_dir = folder / "backbone"
         model.backbone.save_pretrained(backbone_dir, safe_serialization=True)
         model.tokenizer.save_pretrained(backbone_dir)
         model.image_processor.save_pretrained(backbone_dir)
-        (staging / _CONFIG).write_text(model.config.to_json())
-        files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        weights = sorted(h for name, h in files.items() if name.endswith(".safetensors"))
-        version = f"{MODEL_NAME}-" + hashlib.sha256("".join(weights).encode()).hexdigest()[:12]
-        manifest = {
-            "format": CHECKPOINT_FORMAT,
-            "model": MODEL_NAME,
-            "model_version": version,
-            "parent_version": parent_version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "files": files,
-        }
-        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (folder / _CONFIG).write_text(model.config.to_json())
+
+    version = write_checkpoint(directory, MODEL_NAME, write_files, parent_version)
     model.version = version
     return version
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / _MANIFEST
-    if not path.is_file():
-        raise CheckpointError(
-            f"{directory} is not a Creative4U checkpoint: {_MANIFEST} is missing. Create one with "
-            f"`moonpipe creatives init-model --out {directory}` or point --model at a trained checkpoint"
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("model") != MODEL_NAME:
-        raise CheckpointError(
-            f"{path}: format {manifest.get('format')!r} of model {manifest.get('model')!r} is not a "
-            f"format-{CHECKPOINT_FORMAT} {MODEL_NAME} checkpoint"
-        )
-    return manifest
+    return checkpoint_dir.read_manifest(
+        directory, MODEL_NAME, label="Creative4U",
+        how_to_create=f". Create one with `moonpipe creatives init-model --out {directory}` or point --model at a "
+        "trained checkpoint",
+    )
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     """The manifest, after checking that every listed file exists with its recorded hash."""
-    root = Path(directory)
-    manifest = read_manifest(root)
-    for name, expected in manifest["files"].items():
-        path = root / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {root} is incomplete: {name} is missing")
-        if sha256_file(path) != expected:
-            raise CheckpointError(f"checkpoint {root} is corrupt: {name} does not match its recorded SHA-256")
-    return manifest
+    return verify_files(directory, read_manifest(directory))
 
 
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, verify: bool = True) -> Creative4UModel:

@@ -14,28 +14,16 @@ version. Saving writes to a temporary folder and renames it: a crash never leave
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model import checkpoint_dir
 from model.backbone import PRESETS, add_pipeline_tokens, build_preset, load_local
+from model.checkpoint_dir import CheckpointError, verify_files, write_checkpoint
 from model.moon3 import Moon3Model
 from model.moon3_config import Moon3Config
-from moonpipe.storage import sha256_file
-
-CHECKPOINT_FORMAT = 1
-_MANIFEST = "checkpoint.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or corrupt."""
 
 
 def build_model(config: Moon3Config, dtype: torch.dtype | None = None, device: str | None = None) -> Moon3Model:
@@ -65,63 +53,24 @@ def save_checkpoint(model: Moon3Model, directory: str | Path, parent_version: st
     """Write ``model`` to ``directory`` (which must not exist yet); returns the model version."""
     from safetensors.torch import save_file
 
-    target = Path(directory)
-    if target.exists():
-        raise FileExistsError(f"checkpoint directory {target} already exists: choose a new one per version")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        backbone_dir = staging / "backbone"
+    def write_files(folder: Path) -> None:
+        backbone_dir = folder / "backbone"
         model.backbone.save_pretrained(backbone_dir, safe_serialization=True)
         model.tokenizer.save_pretrained(backbone_dir)
         model.image_processor.save_pretrained(backbone_dir)
-        save_file(_head_state(model), str(staging / "heads.safetensors"))
-        (staging / "moon3_config.json").write_text(model.config.to_json())
-        files = {
-            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-        }
-        weights = sorted(h for name, h in files.items() if name.endswith(".safetensors"))
-        version = "moon3-" + hashlib.sha256("".join(weights).encode()).hexdigest()[:12]
-        manifest = {
-            "format": CHECKPOINT_FORMAT,
-            "model": "moon3",
-            "model_version": version,
-            "parent_version": parent_version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "files": files,
-        }
-        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return version
+        save_file(_head_state(model), str(folder / "heads.safetensors"))
+        (folder / "moon3_config.json").write_text(model.config.to_json())
+
+    return write_checkpoint(directory, "moon3", write_files, parent_version)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / _MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a MOON3.0 checkpoint: {_MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("model") != "moon3":
-        raise CheckpointError(
-            f"{path}: format {manifest.get('format')!r} of model {manifest.get('model')!r} is not a "
-            f"format-{CHECKPOINT_FORMAT} moon3 checkpoint"
-        )
-    return manifest
+    return checkpoint_dir.read_manifest(directory, "moon3", label="MOON3.0")
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     """The manifest, after checking that every listed file exists with its recorded hash."""
-    root = Path(directory)
-    manifest = read_manifest(root)
-    for name, expected in manifest["files"].items():
-        path = root / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {root} is incomplete: {name} is missing")
-        if sha256_file(path) != expected:
-            raise CheckpointError(f"checkpoint {root} is corrupt: {name} does not match its recorded SHA-256")
-    return manifest
+    return verify_files(directory, read_manifest(directory))
 
 
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None, verify: bool = True) -> Moon3Model:

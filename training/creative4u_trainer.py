@@ -187,12 +187,7 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
     from model.creative4u_config import Creative4UConfig
 
     run = config.run
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    ds.init_distributed()
-    device = ds.device_for_rank()
-    rank, world = ds.rank(), ds.world_size()
-    torch.manual_seed(run.seed + rank)
+    device, rank, world = ds.start_rank(run)
     train_set, held = split_examples(training_examples(settings), config.heldout_fraction)
     if not train_set:
         raise ValueError("no Creative4U training pairs outside the held-out products: build more creative data "

@@ -73,6 +73,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def start_rank(run: RunConfig) -> tuple[torch.device, int, int]:
+    """This process's part of a run: threads, the process group, its device, a per-rank seed.
+    Returns (device, rank, world size)."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    init_distributed()
+    torch.manual_seed(run.seed + rank())
+    return device_for_rank(), rank(), world_size()
+
+
 def use_bf16(run: RunConfig) -> bool:
     if run.precision == "auto":
         return torch.cuda.is_available()

@@ -348,12 +348,7 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
     from model.moon3_checkpoint import load_checkpoint
 
     run = config.run
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    ds.init_distributed()
-    device = ds.device_for_rank()
-    rank, world = ds.rank(), ds.world_size()
-    torch.manual_seed(run.seed + rank)
+    device, rank, world = ds.start_rank(run)
     data: TrainingSet = load_training_set(settings, config.export_date)
     model = _build_model(config).train()
     parent = getattr(model, "version", None)

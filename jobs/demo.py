@@ -193,5 +193,6 @@ def _print_winning_creatives(settings: Settings) -> None:
     product = winners[0]["product_id"]
     print(f"\n== winning creative per segment for {product} ==")
     for row in (w for w in winners if w["product_id"] == product):
-        reasoning = "".join(c if c.isprintable() else "?" for c in (row["reasoning"] or ""))[:70]
+        # An untrained model's reasoning can hold any token, undecodable bytes included.
+        reasoning = "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in (row["reasoning"] or ""))[:70]
         print(f"  {row['segment_id']:18s} {row['winner_creative_id']:34s} strength {row['strength']:6.2f}  {reasoning}")

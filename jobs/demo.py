@@ -68,19 +68,24 @@ def configure_airflow(settings: Settings) -> str:
     return os.environ["AIRFLOW_HOME"]
 
 
-def run_dag(dag_id: str, day: date, **conf) -> dict:
-    """One real DAG run (dag.test: the tasks run in this process); its task states and summaries."""
+def load_dags() -> dict:
+    """The project's DAGs, parsed once; a DAG file that fails to import stops the demo."""
     from airflow.models import DagBag
 
     bag = DagBag(str(PROJECT_ROOT / "dags"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    return bag.dags
+
+
+def run_dag(dag, day: date, **conf) -> dict:
+    """One real DAG run (dag.test: the tasks run in this process); its task states and summaries."""
     started = time.perf_counter()
-    run = bag.dags[dag_id].test(logical_date=datetime(day.year, day.month, day.day, tzinfo=timezone.utc), run_conf=conf)
+    run = dag.test(logical_date=datetime(day.year, day.month, day.day, tzinfo=timezone.utc), run_conf=conf)
     instances = run.get_task_instances()
     states = {ti.task_id: str(ti.state) for ti in instances}
     if str(run.state) != "success":
-        raise RuntimeError(f"{dag_id} {day}: run {run.state}; tasks {states} (see the task logs above)")
+        raise RuntimeError(f"{dag.dag_id} {day}: run {run.state}; tasks {states} (see the task logs above)")
     summaries = {ti.task_id: ti.xcom_pull(task_ids=ti.task_id) for ti in instances}
     return {"states": states, "summaries": summaries, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -111,13 +116,14 @@ def run_demo(days: int = 2, fashion_items: int = 300, settings: Settings | None 
             last, settings, spark, vendure_products=6, fashion_products=6, creatives_per_product=5
         )
 
+    dags = load_dags()
     nights = []
     for offset in range(days):
         day = start + timedelta(days=offset)
         with stage(f"Airflow: catalog_nightly {day}", LOG):
-            nights.append((day, run_dag("catalog_nightly", day)))
+            nights.append((day, run_dag(dags["catalog_nightly"], day)))
     with stage(f"Airflow: creative_scoring {last}", LOG):
-        scoring = run_dag("creative_scoring", last)
+        scoring = run_dag(dags["creative_scoring"], last)
 
     _print_report(settings, airflow_home, moon3_version, creative_version, nights, scoring, creative_data)
     return {

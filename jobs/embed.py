@@ -127,22 +127,19 @@ def embed_batches(
 
 
 def products_to_embed(
-    spark: "SparkSession", settings: Settings, version: str, full: bool, *, broadcast_keys: bool = False
+    spark: "SparkSession", settings: Settings, version: str, full: bool
 ) -> tuple["DataFrame", "DataFrame"]:
-    """(keys, todo): every live product's (product_id, content_hash, needs_embedding), and the live
-    products that need the model — no embedding of their current content for ``version``.
+    """(live, keys): the live products, and every live product's (product_id, content_hash,
+    needs_embedding) — true when ``version`` has no embedding of its current content (all with ``full``).
 
-    The comparison runs on the narrow keys alone; the wide columns (images) are read only when
-    the model runs, for the products it needs. ``broadcast_keys`` (for a churn-sized todo list)
-    filters the products against a broadcast key list instead of shuffling every product's image
-    for a sort-merge join."""
+    The comparison runs on the narrow keys alone; see ``needing_model`` for the wide rows."""
     from pyspark.sql import functions as F
 
     live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
     live_keys = live.select("product_id", "content_hash")
     embeddings_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
     if full or not delta.exists(embeddings_uri):
-        return live_keys.withColumn("needs_embedding", F.lit(True)), live
+        return live, live_keys.withColumn("needs_embedding", F.lit(True))
     done = (
         delta.read(spark, embeddings_uri)
         .where(F.col("model_version") == version)
@@ -151,8 +148,20 @@ def products_to_embed(
     keys = live_keys.join(done, ["product_id", "content_hash"], "left").select(
         "product_id", "content_hash", F.col("embedded").isNull().alias("needs_embedding")
     )
+    return live, keys
+
+
+def needing_model(live: "DataFrame", keys: "DataFrame", to_embed: int, live_count: int) -> "DataFrame":
+    """The live products (wide: images) whose keys need the model. A churn-sized list of keys is
+    broadcast to the executors instead of shuffling every product's image for a sort-merge join."""
+    from pyspark.sql import functions as F
+
+    if to_embed == live_count:
+        return live
     needed = keys.where("needs_embedding").select("product_id", "content_hash")
-    return keys, live.join(F.broadcast(needed) if broadcast_keys else needed, ["product_id", "content_hash"], "left_semi")
+    if to_embed <= BROADCAST_TODO_LIMIT:
+        needed = F.broadcast(needed)
+    return live.join(needed, ["product_id", "content_hash"], "left_semi")
 
 
 def embed(
@@ -185,14 +194,12 @@ def embed(
 
     clock = time.perf_counter()
     with stage(f"embed {snapshot_date}: select new and changed products", LOG) as record:
-        keys, todo = products_to_embed(spark, settings, version, full)
+        live, keys = products_to_embed(spark, settings, version, full)
         # Both counts in one narrow pass: a nightly run's cost should follow its churn, not the catalog.
         counts = keys.agg(F.count("*").alias("live"), F.sum(F.col("needs_embedding").cast("long")).alias("todo"))
         row = counts.first()
         summary.live_products, summary.to_embed = row["live"], row["todo"] or 0
-        if 0 < summary.to_embed <= BROADCAST_TODO_LIMIT and summary.to_embed < summary.live_products:
-            keys, todo = products_to_embed(spark, settings, version, full, broadcast_keys=True)
-        todo = todo.select(*MODEL_COLUMNS)
+        todo = needing_model(live, keys, summary.to_embed, summary.live_products).select(*MODEL_COLUMNS)
         record.rows = summary.to_embed
         summary.skipped_unchanged = summary.live_products - summary.to_embed
     summary.seconds["select"] = round(time.perf_counter() - clock, 2)
@@ -342,7 +349,7 @@ def check_conservation(
             f"embed {snapshot_date}: {summary.to_embed} products to embed, but {summary.embedded} embedded + "
             f"{summary.quarantined} quarantined = {summary.embedded + summary.quarantined}"
         )
-    keys, _ = products_to_embed(spark, settings, version, full=False)
+    _, keys = products_to_embed(spark, settings, version, full=False)
     missing = keys.where("needs_embedding").select("product_id")
     quarantine_uri = settings.table_uri(QUARANTINE.name)
     if _has_partition(quarantine_uri, snapshot_date):

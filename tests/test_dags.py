@@ -131,8 +131,6 @@ def test_rerunning_a_date_is_a_no_op_on_the_data(spark, dagbag, dag_home, nightl
 
 
 def test_a_failed_embed_leaves_no_partial_output_and_a_retry_completes(spark, dagbag, dag_home, nightly_runs):
-    from moonpipe.orchestration import lake_asset  # noqa: F401  (the DAG module's own imports)
-
     dag = dagbag.dags["catalog_nightly"]
     for task in dag.tasks:
         task.retries = 0  # dag.test would otherwise wait out the retry delay

@@ -49,6 +49,9 @@ UDF_OUTPUT = pa.schema(
 # Up to this many products to embed, their keys are broadcast to the executors (a few tens of MB)
 # rather than joined by shuffling the catalog's images.
 BROADCAST_TODO_LIMIT = 500_000
+# Up to this many new vectors, the MERGE source is collected to the driver as Arrow (at most
+# ~60 MiB at 1536 dimensions) instead of being staged as Parquet files by a Spark job.
+DRIVER_MERGE_ROWS = 10_000
 
 # One predictor per executor Python worker and model (Spark reuses workers between tasks).
 _PREDICTORS: dict[tuple, Any] = {}
@@ -129,24 +132,34 @@ def embed_batches(
 def products_to_embed(
     spark: "SparkSession", settings: Settings, version: str, full: bool
 ) -> tuple["DataFrame", "DataFrame"]:
-    """(live, keys): the live products, and every live product's (product_id, content_hash,
-    needs_embedding) — true when ``version`` has no embedding of its current content (all with ``full``).
+    """(live, keys): the live products, and every product's narrow keys — (product_id, content_hash,
+    is_deleted, needs_embedding, stale): ``needs_embedding`` when a live product has no embedding of
+    its current content for ``version`` (every live product with ``full``), ``stale`` when a deleted
+    product still has one.
 
     The comparison runs on the narrow keys alone; see ``needing_model`` for the wide rows."""
     from pyspark.sql import functions as F
 
-    live = delta.read(spark, settings.table_uri(PRODUCTS.name)).where(~F.col("is_deleted"))
-    live_keys = live.select("product_id", "content_hash")
+    products = delta.read(spark, settings.table_uri(PRODUCTS.name))
+    live = products.where(~F.col("is_deleted"))
+    all_keys = products.select("product_id", "content_hash", "is_deleted")
     embeddings_uri = settings.table_uri(PRODUCT_EMBEDDINGS.name)
-    if full or not delta.exists(embeddings_uri):
-        return live, live_keys.withColumn("needs_embedding", F.lit(True))
+    if not delta.exists(embeddings_uri):
+        return live, all_keys.select("*", (~F.col("is_deleted")).alias("needs_embedding"), F.lit(False).alias("stale"))
+    # (product_id, model_version) is the table's key: at most one embedding per product here.
     done = (
         delta.read(spark, embeddings_uri)
         .where(F.col("model_version") == version)
-        .select("product_id", "content_hash", F.lit(True).alias("embedded"))
+        .select("product_id", F.col("content_hash").alias("embedded_hash"))
     )
-    keys = live_keys.join(done, ["product_id", "content_hash"], "left").select(
-        "product_id", "content_hash", F.col("embedded").isNull().alias("needs_embedding")
+    embedded = F.col("embedded_hash").isNotNull()
+    current = embedded & (F.col("embedded_hash") == F.col("content_hash"))
+    keys = all_keys.join(done, "product_id", "left").select(
+        "product_id",
+        "content_hash",
+        "is_deleted",
+        (~F.col("is_deleted") & (F.lit(full) | ~current)).alias("needs_embedding"),
+        (F.col("is_deleted") & embedded).alias("stale"),
     )
     return live, keys
 
@@ -195,10 +208,12 @@ def embed(
     clock = time.perf_counter()
     with stage(f"embed {snapshot_date}: select new and changed products", LOG) as record:
         live, keys = products_to_embed(spark, settings, version, full)
-        # Both counts in one narrow pass: a nightly run's cost should follow its churn, not the catalog.
-        counts = keys.agg(F.count("*").alias("live"), F.sum(F.col("needs_embedding").cast("long")).alias("todo"))
+        # All counts in one narrow pass: a nightly run's cost should follow its churn, not the catalog.
+        flags = {"live": ~F.col("is_deleted"), "needs_embedding": F.col("needs_embedding"), "stale": F.col("stale")}
+        counts = keys.agg(*(F.sum(flag.cast("long")).alias(name) for name, flag in flags.items()))
         row = counts.first()
-        summary.live_products, summary.to_embed = row["live"], row["todo"] or 0
+        summary.live_products, summary.to_embed = row["live"] or 0, row["needs_embedding"] or 0
+        stale = row["stale"] or 0
         todo = needing_model(live, keys, summary.to_embed, summary.live_products).select(*MODEL_COLUMNS)
         record.rows = summary.to_embed
         summary.skipped_unchanged = summary.live_products - summary.to_embed
@@ -246,8 +261,9 @@ def embed(
             summary.quarantine_version = quarantined.version
         summary.embedded = summary.to_embed - len(failed)
         if summary.embedded:
+            # A churn-sized result goes to the MERGE from the driver: no staging files, no Spark job.
             merged = delta.merge(
-                good,
+                good.toArrow() if summary.to_embed <= DRIVER_MERGE_ROWS else good,
                 emb_uri,
                 PRODUCT_EMBEDDINGS,
                 delta.MergeSpec(extra_predicate=f"t.model_version = '{version}'"),
@@ -258,9 +274,10 @@ def embed(
             summary.embeddings_version = merged.version
         else:
             summary.embeddings_version = delta.ensure_table(emb_uri, PRODUCT_EMBEDDINGS).version()
-        removed = _remove_deleted_products(spark, settings, version, snapshot_date)
-        if removed is not None:
-            summary.removed_deleted, summary.embeddings_version = removed
+        if stale:
+            summary.removed_deleted, summary.embeddings_version = _remove_deleted_products(
+                spark, settings, version, snapshot_date
+            )
     summary.seconds["write"] = round(time.perf_counter() - clock, 2)
     outputs.unpersist()
 
@@ -311,7 +328,7 @@ def _has_partition(quarantine_uri: str, snapshot_date: date) -> bool:
 
 def _remove_deleted_products(
     spark: "SparkSession", settings: Settings, version: str, snapshot_date: date
-) -> tuple[int, int] | None:
+) -> tuple[int, int]:
     """Delete this version's vectors of products the catalog has deleted, so search never serves
     them; the products themselves stay in ``products``, flagged. Returns (removed, table version)."""
     from pyspark.sql import functions as F
@@ -323,8 +340,6 @@ def _remove_deleted_products(
         .where(F.col("model_version") == version)
         .join(deleted, "product_id", "left_semi")
     )
-    if stale.limit(1).count() == 0:
-        return None
     result = delta.merge(
         stale,
         emb_uri,

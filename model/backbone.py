@@ -77,6 +77,19 @@ the a an and or with for of in on to from by is are this that it its
 """.strip()
 
 
+def _prompt_corpus() -> list[str]:
+    """The models' fixed prompt text, so a prompt costs tens of tokens rather than hundreds of
+    single-letter pieces (a real Qwen tokenizer knows these words too)."""
+    # Imported here: both modules import this one.
+    from model import creative4u_protocol as creative
+    from model.moon3_processing import SYSTEM_PROMPT
+
+    steps = [question for _, question in creative.PROTOCOL_STEPS]
+    labels = "Title: Category: Attributes: Description: Query: Product title: User interests (frequent searches): "
+    labels += "Creative A: Creative B: Follow this protocol: Answer with A or B."
+    return [SYSTEM_PROMPT, creative.SYSTEM_PROMPT, labels, *steps]
+
+
 def _train_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
     """A byte-level BPE tokenizer with the Qwen special tokens, trained deterministically."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -92,7 +105,7 @@ def _train_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = _CORPUS.splitlines()
+    lines = _CORPUS.splitlines() + _prompt_corpus()
     # Title-case too: product titles and field labels start with capitals.
     tokenizer.train_from_iterator((lines + [line.title() for line in lines]) * 4, trainer=trainer)
     return PreTrainedTokenizerFast(

@@ -191,8 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moonpipe",
-        description="Offline product-understanding pipeline: catalog snapshots -> Delta tables (more commands "
-        "arrive with the embedding, index, creative-scoring and training jobs).",
+        description="Offline product-understanding pipeline: catalog snapshots -> validated products -> "
+        "MOON3.0 embeddings and FAISS index; Creative4U creative scores; retraining, evaluation, promotion.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(

@@ -111,6 +111,24 @@ def test_a_new_model_version_reembeds_every_live_product(spark, home, models, da
     assert {r["count"] for r in versions} == {summary.live_products}  # both versions complete
 
 
+def test_staged_and_driver_merge_sources_write_the_same_vectors(spark, home, models, day2, monkeypatch):
+    """A churn-sized result is merged from the driver; a larger one is staged by Spark: same rows."""
+    import jobs.embed as embed_job
+
+    def vectors() -> list:
+        rows = delta.read(spark, home.table_uri("product_embeddings")).drop("embedded_at").collect()
+        return sorted(rows, key=lambda r: (r.product_id, r.model_version))
+
+    driver = embed(D2, models[0], home, spark, full=True)
+    assert driver.to_embed <= embed_job.DRIVER_MERGE_ROWS
+    before = vectors()
+    monkeypatch.setattr(embed_job, "DRIVER_MERGE_ROWS", 0)
+    staged = embed(D2, models[0], home, spark, full=True)
+    assert staged.embedded == driver.embedded == driver.live_products
+    assert staged.embeddings_version == driver.embeddings_version + 1
+    assert vectors() == before
+
+
 def _image(color: str, size: int = 48) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (size, size), color).save(out, "JPEG")

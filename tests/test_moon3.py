@@ -178,6 +178,23 @@ def test_prompt_respects_text_and_image_budgets(model):
     assert caught.value.code == "empty_text"
 
 
+def test_preset_prompts_spend_tokens_on_the_product_not_on_the_fixed_text(model):
+    """The preset tokenizer learned the prompt's own words: the fixed text costs tens of tokens."""
+    from model.creative4u_protocol import SYSTEM_PROMPT as CREATIVE_PROMPT
+    from model.moon3_processing import SYSTEM_PROMPT
+
+    count = lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert count(SYSTEM_PROMPT) < 0.5 * len(SYSTEM_PROMPT.split()) + 30
+    assert count(CREATIVE_PROMPT) < 0.5 * len(CREATIVE_PROMPT.split()) + 50
+    # A 28x28 photo is upscaled to the budget's minimum: 56x56 -> 4x4 patches -> 4 LLM tokens.
+    processor = Moon3Processor(model.tokenizer, model.image_processor, PromptBudget(min_image_pixels=56 * 56))
+    small = io.BytesIO()
+    Image.new("L", (28, 28), 128).save(small, "PNG")
+    encoded = processor.encode(ProductInput("product", small.getvalue()))
+    assert encoded.input_ids.count(model.image_token_id) == 4
+    assert len(encoded.input_ids) < 70
+
+
 def test_predictor_turns_bad_products_into_row_errors(products):
     predict = make_predict_fn(Moon3Config(), device="cpu")
     good_bytes = products[0].image_bytes

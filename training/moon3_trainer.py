@@ -57,7 +57,10 @@ class Moon3TrainConfig:
     embedding_dim: int = 128
     use_mhmf: bool = True
     use_fire: bool = True
-    image_pixels: int = 56 * 56  # image budget (min = max): 56x56 gives 4x4 patches of 14 pixels
+    image_pixels: int = 56 * 56  # largest image (pixels): 56x56 gives 4x4 patches of 14 pixels
+    # Smaller images are upscaled to this many pixels (default: min(image_pixels, 56x56)); set it to
+    # image_pixels to give small photos (Fashion-MNIST's 28x28) the whole budget of patches.
+    min_image_pixels: int | None = None
     max_reasoning_tokens: int = 16
     export_date: str | None = None  # the training-set export to read (default: the latest)
     text_dropout: float = 0.5  # probability that a product is shown as its image alone
@@ -91,7 +94,8 @@ class Moon3TrainConfig:
 
     def model_config(self) -> Moon3Config:
         dims = tuple(d for d in (32, 64, 128, 256) if d < self.embedding_dim) + (self.embedding_dim,)
-        budget = PromptBudget(max_image_pixels=self.image_pixels, min_image_pixels=min(self.image_pixels, 56 * 56),
+        smallest = self.min_image_pixels or min(self.image_pixels, 56 * 56)
+        budget = PromptBudget(max_image_pixels=self.image_pixels, min_image_pixels=smallest,
                               max_reasoning_tokens=self.max_reasoning_tokens)
         return Moon3Config(backbone=self.backbone, embedding_dim=self.embedding_dim, matryoshka_dims=dims,
                            use_mhmf=self.use_mhmf, use_fire=self.use_fire, prompt=budget, seed=self.run.seed)

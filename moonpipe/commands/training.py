@@ -52,7 +52,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
     options = {"gallery_limit": args.gallery_limit, "query_limit": args.query_limit, "threads": args.threads}
     if KINDS.get(args.kind, args.kind) == "creative4u":
-        options = {"limit": args.query_limit}
+        options = {"limit": args.query_limit, "decoding": args.decoding, "heldout_fraction": args.heldout_fraction}
     report = evaluate(KINDS.get(args.kind, args.kind), args.candidate,
                       baseline=None if args.baseline == "none" else args.baseline, record=not args.no_record,
                       **{k: v for k, v in options.items() if v is not None})
@@ -104,12 +104,16 @@ def register(add) -> None:
     train.add_argument("--hostfile", default=None, help="multi-node: a DeepSpeed hostfile (`host slots=N` lines)")
 
     evaluate = add("evaluate", cmd_evaluate, "Evaluate a candidate checkpoint against production; report + registry.")
-    evaluate.add_argument("--kind", default="moon3", help="model kind (moon3)")
+    evaluate.add_argument("--kind", default="moon3", help="model kind: moon3 (default) or creative4u")
     evaluate.add_argument("--candidate", required=True, help="candidate checkpoint directory")
     evaluate.add_argument("--baseline", default="production", help="'production' (default), a directory, or 'none'")
     evaluate.add_argument("--gallery-limit", type=int, default=None, help="training products in the kNN gallery (10000)")
-    evaluate.add_argument("--query-limit", type=int, default=None, help="held-out products evaluated (all)")
+    evaluate.add_argument("--query-limit", type=int, default=None, help="held-out products (moon3) or pairs (creative4u) evaluated (all)")
     evaluate.add_argument("--threads", type=int, default=None)
+    evaluate.add_argument("--decoding", choices=("free", "guided"), default=None,
+                          help="creative4u: free (the model's own format) or guided decoding (default: the model's config)")
+    evaluate.add_argument("--heldout-fraction", type=float, default=None,
+                          help="creative4u: share of products held out, as in training (0.2)")
     evaluate.add_argument("--no-record", action="store_true", help="do not write the model_registry row")
 
     promote = add("promote", cmd_promote, "Promote a candidate if it beats production by the margin (exit 3 if not, 2 if it cannot decide).")

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moonpipe bench pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-preset", default="small", help="model for the throughput comparison")
     parser.add_argument("--products", type=int, default=1000, help="products for the throughput comparison")
-    parser.add_argument("--churn-preset", default="tiny")
+    parser.add_argument("--churn-preset", default="small", help="model for the churn and memory runs")
     parser.add_argument("--churn-products", type=int, default=10000)
     parser.add_argument("--churn-rate", type=float, default=0.01)
     parser.add_argument("--memory-sizes", default="1000,10000")

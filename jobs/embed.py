@@ -263,7 +263,7 @@ def embed(
         if summary.embedded:
             # A churn-sized result goes to the MERGE from the driver: no staging files, no Spark job.
             merged = delta.merge(
-                good.toArrow() if summary.to_embed <= DRIVER_MERGE_ROWS else good,
+                _driver_source(good) if summary.to_embed <= DRIVER_MERGE_ROWS else good,
                 emb_uri,
                 PRODUCT_EMBEDDINGS,
                 delta.MergeSpec(extra_predicate=f"t.model_version = '{version}'"),
@@ -286,6 +286,18 @@ def embed(
     summary.seconds["check"] = round(time.perf_counter() - clock, 2)
     LOG.info("embed %s: %s", snapshot_date, json.dumps(summary.as_dict()))
     return summary
+
+
+def _driver_source(frame: "DataFrame") -> pa.Table:
+    """``frame`` collected as Arrow, in the types a Parquet reader gives (as the staged path's).
+
+    delta-rs' MERGE panicked ("range start index ... out of range") on Spark's toArrow() output
+    directly; a Parquet round trip in memory gives it the column layout it reads from files."""
+    import pyarrow.parquet as pq
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(frame.toArrow(), buffer)
+    return pq.read_table(pa.BufferReader(buffer.getvalue()))
 
 
 def _write_quarantine(

@@ -87,7 +87,12 @@ def _prompt_corpus() -> list[str]:
     steps = [question for _, question in creative.PROTOCOL_STEPS]
     labels = "Title: Category: Attributes: Description: Query: Product title: User interests (frequent searches): "
     labels += "Creative A: Creative B: Follow this protocol: Answer with A or B."
-    return [SYSTEM_PROMPT, creative.SYSTEM_PROMPT, labels, *steps]
+    # Creative4U's reasoning names the factors of a creative and their levels.
+    reasoning = "Similarity: Match: Text: Props: Layout: Subject: Background: Click: mainly for its they differ in "
+    reasoning += "answers matches no search directly has neither uses models or props in the product is it "
+    reasoning += " ".join(f"{name.replace('_', ' ')} {' '.join(levels)} {' '.join(levels.values())}"
+                          for name, levels in creative.FACTORS.items())
+    return [SYSTEM_PROMPT, creative.SYSTEM_PROMPT, labels, reasoning, *steps]
 
 
 def _train_tokenizer(vocab_size: int) -> "PreTrainedTokenizerFast":

@@ -94,6 +94,36 @@ def test_merge_counts_updates_and_inserts(spark, table_uri):
     assert delta.history(table_uri)[0]["operation"] == "MERGE"
 
 
+def test_merge_from_a_multi_chunk_arrow_table_with_nested_columns(spark, tmp_path):
+    """Spark's toArrow() output (one chunk per partition, Spark's nested types) merges by key."""
+    from pyspark.sql import functions as F
+
+    from schemas.tables import PRODUCT_EMBEDDINGS
+
+    uri = str(tmp_path / "product_embeddings")
+    table = (
+        spark.range(10_000)
+        .select(
+            F.format_string("p%05d", "id").alias("product_id"), F.lit("v1").alias("model_version"),
+            F.sha2(F.col("id").cast("string"), 256).alias("content_hash"),
+            F.array_repeat(F.col("id").cast("float"), 128).alias("embedding"), F.lit(128).alias("embedding_dim"),
+            F.create_map(F.lit("color"), F.lit("red")).alias("attributes"), F.lit(None).cast("string").alias("reasoning"),
+            F.lit(D1).alias("snapshot_date"), F.lit(T0).alias("embedded_at"),
+        )
+    )
+    delta.write(table, uri, PRODUCT_EMBEDDINGS)
+    delta.merge(table.toArrow(), uri, PRODUCT_EMBEDDINGS)  # the target's files now come from a MERGE
+    source = (
+        delta.read(spark, uri).orderBy(F.xxhash64("product_id")).limit(100).repartition(2)
+        .withColumn("attributes", F.create_map(F.lit("color"), F.lit("blue"))).toArrow()
+    )
+    assert source.column("attributes").num_chunks == 2
+    result = delta.merge(source, uri, PRODUCT_EMBEDDINGS, delta.MergeSpec(extra_predicate="t.model_version = 'v1'"))
+    assert (result.updated, result.inserted) == (100, 0)
+    colors = [dict(a)["color"] for a in delta.read_arrow(uri, columns=["attributes"]).column("attributes").to_pylist()]
+    assert len(colors) == 10_000 and colors.count("blue") == 100
+
+
 def test_merge_can_flag_rows_missing_from_the_source(spark, table_uri):
     flagged = TableContract(
         name="test_flagged",

@@ -184,15 +184,16 @@ def test_preset_prompts_spend_tokens_on_the_product_not_on_the_fixed_text(model)
     from model.moon3_processing import SYSTEM_PROMPT
 
     count = lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    assert count(SYSTEM_PROMPT) < 0.5 * len(SYSTEM_PROMPT.split()) + 30
-    assert count(CREATIVE_PROMPT) < 0.5 * len(CREATIVE_PROMPT.split()) + 50
+    # Under two tokens a word, punctuation included (single letters made it about four).
+    assert count(SYSTEM_PROMPT) < 2 * len(SYSTEM_PROMPT.split())
+    assert count(CREATIVE_PROMPT) < 2 * len(CREATIVE_PROMPT.split())
     # A 28x28 photo is upscaled to the budget's minimum: 56x56 -> 4x4 patches -> 4 LLM tokens.
     processor = Moon3Processor(model.tokenizer, model.image_processor, PromptBudget(min_image_pixels=56 * 56))
     small = io.BytesIO()
     Image.new("L", (28, 28), 128).save(small, "PNG")
     encoded = processor.encode(ProductInput("product", small.getvalue()))
     assert encoded.input_ids.count(model.image_token_id) == 4
-    assert len(encoded.input_ids) < 70
+    assert len(encoded.input_ids) < 80  # was 133 when the system prompt was spelt letter by letter
 
 
 def test_predictor_turns_bad_products_into_row_errors(products):

@@ -49,8 +49,8 @@ UDF_OUTPUT = pa.schema(
 # Up to this many products to embed, their keys are broadcast to the executors (a few tens of MB)
 # rather than joined by shuffling the catalog's images.
 BROADCAST_TODO_LIMIT = 500_000
-# Up to this many new vectors, the MERGE source is collected to the driver as Arrow (at most
-# ~60 MiB at 1536 dimensions) instead of being staged as Parquet files by a Spark job.
+# Up to this many new vectors, the MERGE source is collected to the driver (at most ~60 MiB at
+# 1536 dimensions) instead of being staged as Parquet files by a Spark job.
 DRIVER_MERGE_ROWS = 10_000
 
 # One predictor per executor Python worker and model (Spark reuses workers between tasks).
@@ -261,14 +261,14 @@ def embed(
             summary.quarantine_version = quarantined.version
         summary.embedded = summary.to_embed - len(failed)
         if summary.embedded:
-            # A churn-sized result goes to the MERGE from the driver: no staging files, no Spark job.
             merged = delta.merge(
-                _driver_source(good) if summary.to_embed <= DRIVER_MERGE_ROWS else good,
+                good,
                 emb_uri,
                 PRODUCT_EMBEDDINGS,
                 delta.MergeSpec(extra_predicate=f"t.model_version = '{version}'"),
                 metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat(),
                           "moonpipe.model_version": version},
+                collect=summary.to_embed <= DRIVER_MERGE_ROWS,  # churn-sized: no staging job
             )
             summary.embedded = merged.inserted + merged.updated
             summary.embeddings_version = merged.version
@@ -286,18 +286,6 @@ def embed(
     summary.seconds["check"] = round(time.perf_counter() - clock, 2)
     LOG.info("embed %s: %s", snapshot_date, json.dumps(summary.as_dict()))
     return summary
-
-
-def _driver_source(frame: "DataFrame") -> pa.Table:
-    """``frame`` collected as Arrow, in the types a Parquet reader gives (as the staged path's).
-
-    delta-rs' MERGE panicked ("range start index ... out of range") on Spark's toArrow() output
-    directly; a Parquet round trip in memory gives it the column layout it reads from files."""
-    import pyarrow.parquet as pq
-
-    buffer = pa.BufferOutputStream()
-    pq.write_table(frame.toArrow(), buffer)
-    return pq.read_table(pa.BufferReader(buffer.getvalue()))
 
 
 def _write_quarantine(

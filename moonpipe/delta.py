@@ -435,6 +435,16 @@ class MergeSpec:
     extra_predicate: str | None = None  # ANDed to the key match, e.g. a partition filter for pruning
 
 
+def _collected(df: "DataFrame") -> pa.Table:
+    """``df`` on the driver as Arrow, in the layout a Parquet reader gives (as a staged source has).
+
+    delta-rs' MERGE panicked ("range start index ... out of range") on Spark's toArrow() output
+    itself; an in-memory Parquet round trip gives it the columns it reads from staged files."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(df.toArrow(), buffer)
+    return pq.read_table(pa.BufferReader(buffer.getvalue()))
+
+
 def merge(
     source: "DataFrame | pa.Table",
     table_uri: str,
@@ -442,11 +452,13 @@ def merge(
     spec: MergeSpec = MergeSpec(),
     *,
     metadata: Mapping[str, Any] | None = None,
+    collect: bool = False,
 ) -> MergeResult:
     """Upsert ``source`` into the table by the contract's key, in one commit.
 
     A Spark source is staged as Parquet inside the table folder by the executors and streamed
-    into delta-rs' MERGE, so the driver never holds it whole. A commit lost to a concurrent
+    into delta-rs' MERGE, so the driver never holds it whole; ``collect`` (for a source known to
+    be small) brings it to the driver instead, with no staging job. A commit lost to a concurrent
     writer is retried on the new table version.
     """
     if not contract.key:
@@ -454,6 +466,8 @@ def merge(
     table = ensure_table(table_uri, contract)
     filesystem, root = storage.resolve(table_uri)
     staging = None
+    if collect and not isinstance(source, pa.Table):
+        source = _collected(source)
     if isinstance(source, pa.Table):
         data = contract.conform(source)
         new_columns_schema = data.schema

@@ -128,29 +128,26 @@ def throughput(spark, root: str, model_dir: str, count: int, threads: int) -> di
 
 def churn(spark, root: str, model_dir: str, count: int, rate: float) -> dict:
     """Wall time of a nightly run where ``rate`` of the products changed, vs a full re-embed."""
-    from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
     from jobs.embed import embed
+    from moonpipe import delta
+    from schemas.tables import PRODUCTS
 
     settings = _fresh_settings(root)
     _catalog(spark, settings, count)
     embed(DAY, model_dir, settings, spark)  # the catalog as embedded last night
     full = embed(DAY, model_dir, settings, spark, full=True)
-    changed = max(1, int(count * rate))
-    table = DeltaTable(settings.table_uri("products"))
-    # A uniform sample (hash order), so the changed products have the catalog's mix of photo sizes:
-    # the file's first rows are its large Vendure photos, which would overstate a nightly's cost.
-    ids = [
-        r.product_id
-        for r in spark.read.parquet(*table.file_uris()).select("product_id")
-        .orderBy(F.xxhash64("product_id")).limit(changed).collect()
-    ]
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-    table.update(
-        updates={"title": "concat(title, ' (new season)')", "content_hash": "encode(sha256(concat(content_hash, 'x')), 'hex')"},
-        predicate=f"product_id IN ({quoted})",
+    # Today's changes, written the way ingest writes them (a MERGE by product_id). A uniform sample
+    # (hash order), so the changed products have the catalog's mix of photo sizes: the file's first
+    # rows are its large Vendure photos, which would overstate a nightly's cost.
+    uri = settings.table_uri(PRODUCTS.name)
+    changed = (
+        delta.read(spark, uri).orderBy(F.xxhash64("product_id")).limit(max(1, int(count * rate)))
+        .withColumn("title", F.concat("title", F.lit(" (new season)")))
+        .withColumn("content_hash", F.sha2(F.concat("content_hash", F.lit("x")), 256))
     )
+    delta.merge(changed, uri, PRODUCTS)
     nightly = embed(DAY, model_dir, settings, spark)
     full_s, nightly_s = sum(full.seconds.values()), sum(nightly.seconds.values())
     return {

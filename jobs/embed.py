@@ -35,6 +35,7 @@ STAGE = "embed"
 MODEL_COLUMNS = ("product_id", "content_hash", "title", "description", "category_path", "attributes", "image_bytes")
 UDF_OUTPUT = pa.schema(
     [
+        ("source_row", pa.int64()),  # the quarantine row key of a product the model rejects
         ("product_id", pa.string()),
         ("content_hash", pa.string()),
         ("embedding", pa.list_(pa.float32())),
@@ -49,8 +50,9 @@ UDF_OUTPUT = pa.schema(
 # Up to this many products to embed, their keys are broadcast to the executors (a few tens of MB)
 # rather than joined by shuffling the catalog's images.
 BROADCAST_TODO_LIMIT = 500_000
-# Up to this many new vectors, the MERGE source is collected to the driver (at most ~60 MiB at
-# 1536 dimensions) instead of being staged as Parquet files by a Spark job.
+# Up to this many products to embed, the model's output is collected to the driver in the job that
+# runs the model (at most ~60 MiB at 1536 dimensions) and merged from there: one Spark job, where a
+# larger output is cached, counted and staged as Parquet files for the MERGE by further jobs.
 DRIVER_MERGE_ROWS = 10_000
 
 # One predictor per executor Python worker and model (Spark reuses workers between tasks).
@@ -110,6 +112,7 @@ def embed_batches(
         ok = result.ok
         yield pa.RecordBatch.from_pydict(
             {
+                "source_row": batch.column("source_row"),
                 "product_id": batch.column("product_id"),
                 "content_hash": batch.column("content_hash"),
                 "embedding": pa.array(
@@ -221,40 +224,28 @@ def embed(
 
     clock = time.perf_counter()
     with stage(f"embed {snapshot_date}: MOON3.0 {version}", LOG) as record:
+        outputs: "pa.Table | DataFrame"
         if summary.to_embed == 0:  # nothing changed: no model, no scan of the wide columns
-            outputs = spark.createDataFrame([], from_arrow_schema(UDF_OUTPUT))
+            outputs = UDF_OUTPUT.empty_table()
         else:
             partitions = max(1, min(spark.sparkContext.defaultParallelism, summary.to_embed))
             outputs = (
-                todo.repartition(partitions)
+                todo.withColumn("source_row", F.xxhash64("product_id"))
+                .repartition(partitions)
                 .mapInArrow(partial(embed_batches, model_dir=model_dir, options=options), from_arrow_schema(UDF_OUTPUT))
-                .persist(StorageLevel.MEMORY_AND_DISK)
             )
-        record.rows = outputs.count()
+            if summary.to_embed <= DRIVER_MERGE_ROWS:
+                outputs = delta.collect_arrow(outputs)
+            else:
+                outputs = outputs.persist(StorageLevel.MEMORY_AND_DISK)
+        record.rows = outputs.num_rows if isinstance(outputs, pa.Table) else outputs.count()
     summary.seconds["model"] = round(time.perf_counter() - clock, 2)
 
     clock = time.perf_counter()
-    now = datetime.now(timezone.utc)
     with stage(f"embed {snapshot_date}: write", LOG):
-        good = outputs.where(F.col("error_code").isNull()).select(
-            "product_id",
-            F.lit(version).alias("model_version"),
-            "content_hash",
-            "embedding",
-            "embedding_dim",
-            "attributes",
-            "reasoning",
-            F.lit(snapshot_date).alias("snapshot_date"),
-            F.lit(now).alias("embedded_at"),
-        )
-        # An embed failure's quarantine row key is the xxhash64 of its product id (no source row here).
-        failed = (
-            outputs.where(F.col("error_code").isNotNull())
-            .select(F.xxhash64("product_id").alias("key"), "error_code", "error")
-            .collect()
-        )
-        for r in failed:
-            summary.quarantine_reasons[r.error_code] = summary.quarantine_reasons.get(r.error_code, 0) + 1
+        failed = _failures(outputs)
+        for _, code, _ in failed:
+            summary.quarantine_reasons[code] = summary.quarantine_reasons.get(code, 0) + 1
         quarantined = _write_quarantine(spark, settings, todo, failed, snapshot_date)
         if quarantined is not None:
             summary.quarantined = quarantined.rows_written
@@ -262,13 +253,12 @@ def embed(
         summary.embedded = summary.to_embed - len(failed)
         if summary.embedded:
             merged = delta.merge(
-                good,
+                _vectors(outputs, version, snapshot_date),
                 emb_uri,
                 PRODUCT_EMBEDDINGS,
                 delta.MergeSpec(extra_predicate=f"t.model_version = '{version}'"),
                 metadata={"moonpipe.job": "embed", "moonpipe.snapshot_date": snapshot_date.isoformat(),
                           "moonpipe.model_version": version},
-                collect=summary.to_embed <= DRIVER_MERGE_ROWS,  # churn-sized: no staging job
             )
             summary.embedded = merged.inserted + merged.updated
             summary.embeddings_version = merged.version
@@ -279,7 +269,8 @@ def embed(
                 spark, settings, version, snapshot_date
             )
     summary.seconds["write"] = round(time.perf_counter() - clock, 2)
-    outputs.unpersist()
+    if not isinstance(outputs, pa.Table):
+        outputs.unpersist(blocking=True)  # free the cache now, not during the next run
 
     clock = time.perf_counter()
     check_conservation(spark, settings, version, snapshot_date, summary)
@@ -288,10 +279,39 @@ def embed(
     return summary
 
 
+def _failures(outputs: "pa.Table | DataFrame") -> list[tuple[int, str, str]]:
+    """(source_row, error_code, error) of each product the model could not process."""
+    columns = ["source_row", "error_code", "error"]
+    if isinstance(outputs, pa.Table):
+        import pyarrow.compute as pc
+
+        rows = outputs.filter(pc.is_valid(outputs["error_code"])).select(columns).to_pylist()
+        return [(r["source_row"], r["error_code"], r["error"]) for r in rows]
+    return [tuple(r) for r in outputs.where("error_code IS NOT NULL").select(*columns).collect()]
+
+
+def _vectors(outputs: "pa.Table | DataFrame", version: str, snapshot_date: date) -> "pa.Table | DataFrame":
+    """product_embeddings rows for the products the model processed."""
+    now = datetime.now(timezone.utc)
+    constants = {"model_version": version, "snapshot_date": snapshot_date, "embedded_at": now}
+    columns = [c.name for c in PRODUCT_EMBEDDINGS.columns]
+    if isinstance(outputs, pa.Table):
+        import pyarrow.compute as pc
+
+        good = outputs.filter(pc.is_null(outputs["error_code"]))
+        for name, value in constants.items():
+            good = good.append_column(name, pa.array([value] * good.num_rows))
+        return good.select(columns)
+    from pyspark.sql import functions as F
+
+    good = outputs.where(F.col("error_code").isNull())
+    return good.select(*(F.lit(constants[c]).alias(c) if c in constants else F.col(c) for c in columns))
+
+
 def _write_quarantine(
-    spark: "SparkSession", settings: Settings, todo: "DataFrame", failed: list, snapshot_date: date
+    spark: "SparkSession", settings: Settings, todo: "DataFrame", failed: list[tuple[int, str, str]], snapshot_date: date
 ) -> "delta.WriteResult | None":
-    """Replace this date's embed quarantine with ``failed`` (rows of key, error_code, error).
+    """Replace this date's embed quarantine with ``failed`` ((source_row, error_code, error) rows).
 
     Rows the model rejected are re-read from ``todo`` for their raw content. With nothing to
     quarantine and nothing there from an earlier run of the date, no commit is made at all."""
@@ -309,7 +329,7 @@ def _write_quarantine(
         if not _has_partition(uri, snapshot_date):
             return None
         return delta.write(QUARANTINE.empty_arrow(), uri, QUARANTINE, **options)
-    reasons = {r.key: [(r.error_code, r.error)] for r in failed}
+    reasons = {key: [(code, error)] for key, code, error in failed}
     rows = todo.withColumn("source_row", F.xxhash64("product_id"))
     frame = quarantine_frame(
         spark, rows, reasons, stage_name=STAGE, snapshot_date=snapshot_date, source_uri=settings.table_uri(PRODUCTS.name)

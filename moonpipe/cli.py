@@ -125,7 +125,9 @@ def cmd_table_compact(args: argparse.Namespace) -> int:
     from moonpipe import delta
     from moonpipe.settings import Settings
 
-    _print_json(delta.compact(Settings.from_env().table_uri(args.table)))
+    from schemas import TABLES
+
+    _print_json(delta.compact(Settings.from_env().table_uri(args.table), TABLES.get(args.table)))
     return 0
 
 

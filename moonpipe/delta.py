@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, Field
+from deltalake import CommitProperties, DeltaTable, Field, WriterProperties
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, Transaction
 
@@ -232,7 +232,7 @@ def write_files(
                 writer = pq.ParquetWriter(f"{root}/{rel_path}", data.schema, filesystem=filesystem, compression="zstd")
                 open_files[key] = (writer, rel_path, values, _FileStats())
             writer, _, _, stats = open_files[key]
-            writer.write_table(data)
+            writer.write_table(data, row_group_size=contract.row_group_rows)
             stats.add(data)
     for writer, rel_path, values, stats in open_files.values():
         writer.close()
@@ -404,6 +404,11 @@ def write(
     return WriteResult(table_uri, version, mode, len(records), sum(r["num_records"] for r in records))
 
 
+def _writer_properties(contract: TableContract) -> WriterProperties | None:
+    """delta-rs' Parquet settings for files it writes into the table (MERGE, compaction)."""
+    return WriterProperties(max_row_group_size=contract.row_group_rows) if contract.row_group_rows else None
+
+
 def _spark_arrow_schema(df: "DataFrame") -> pa.Schema:
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -435,8 +440,9 @@ class MergeSpec:
     extra_predicate: str | None = None  # ANDed to the key match, e.g. a partition filter for pruning
 
 
-def _collected(df: "DataFrame") -> pa.Table:
-    """``df`` on the driver as Arrow, in the layout a Parquet reader gives (as a staged source has).
+def collect_arrow(df: "DataFrame") -> pa.Table:
+    """``df`` (known to be small) on the driver as Arrow, in the layout a Parquet reader gives,
+    so that it, or a table derived from it, can be a MERGE source.
 
     delta-rs' MERGE panicked ("range start index ... out of range") on Spark's toArrow() output
     itself; an in-memory Parquet round trip gives it the columns it reads from staged files."""
@@ -452,13 +458,12 @@ def merge(
     spec: MergeSpec = MergeSpec(),
     *,
     metadata: Mapping[str, Any] | None = None,
-    collect: bool = False,
 ) -> MergeResult:
     """Upsert ``source`` into the table by the contract's key, in one commit.
 
     A Spark source is staged as Parquet inside the table folder by the executors and streamed
-    into delta-rs' MERGE, so the driver never holds it whole; ``collect`` (for a source known to
-    be small) brings it to the driver instead, with no staging job. A commit lost to a concurrent
+    into delta-rs' MERGE, so the driver never holds it whole (a source known to be small can be
+    brought to the driver with ``collect_arrow`` instead: no staging job). A commit lost to a concurrent
     writer is retried on the new table version.
     """
     if not contract.key:
@@ -466,8 +471,6 @@ def merge(
     table = ensure_table(table_uri, contract)
     filesystem, root = storage.resolve(table_uri)
     staging = None
-    if collect and not isinstance(source, pa.Table):
-        source = _collected(source)
     if isinstance(source, pa.Table):
         data = contract.conform(source)
         new_columns_schema = data.schema
@@ -492,6 +495,7 @@ def merge(
                 predicate=predicate,
                 source_alias="s",
                 target_alias="t",
+                writer_properties=_writer_properties(contract),
                 commit_properties=CommitProperties(custom_metadata={"moonpipe.contract": contract.name, **(metadata or {})}),
             )
             if spec.delete_matched_condition:
@@ -605,10 +609,20 @@ def history(table_uri: str, limit: int | None = None) -> list[dict[str, Any]]:
     return open_table(table_uri).history(limit)
 
 
-def compact(table_uri: str, *, target_size: int | None = None, partition: Mapping[str, Any] | None = None) -> dict:
-    """Rewrite small files into larger ones (a data-neutral commit); returns delta-rs' metrics."""
+def compact(
+    table_uri: str,
+    contract: TableContract | None = None,
+    *,
+    target_size: int | None = None,
+    partition: Mapping[str, Any] | None = None,
+) -> dict:
+    """Rewrite small files into larger ones (a data-neutral commit), with the contract's row group
+    size when given; returns delta-rs' metrics."""
     filters = [(c, "=", _partition_string(v)) for c, v in partition.items()] if partition else None
-    return open_table(table_uri).optimize.compact(partition_filters=filters, target_size=target_size)
+    return open_table(table_uri).optimize.compact(
+        partition_filters=filters, target_size=target_size,
+        writer_properties=_writer_properties(contract) if contract else None,
+    )
 
 
 def vacuum(table_uri: str, *, retention_hours: int = 168, dry_run: bool = False) -> list[str]:

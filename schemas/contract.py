@@ -112,6 +112,11 @@ class TableContract:
     partition_by: tuple[str, ...] = ()
     is_delta_table: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Rows per Parquet row group in the files written (None: the writer's default, ~1M rows). Tables
+    # of images or vectors keep it small: a scan of one file then splits across tasks, and a reader
+    # never decodes a column chunk of hundreds of MB at once (a churn-sized embed run scanned its
+    # products 5x faster with 1,024-row groups than with one 108 MB group).
+    row_group_rows: int | None = None
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.columns]
@@ -222,6 +227,8 @@ class TableContract:
         if self.partition_by:
             facts.append(f"partitioned by: `{', '.join(self.partition_by)}`")
         facts.append("Delta table" if self.is_delta_table else "input format (files, not a Delta table)")
+        if self.row_group_rows and self.is_delta_table:
+            facts.append(f"Parquet row groups of at most {self.row_group_rows:,} rows")
         lines += [" · ".join(facts), "", "| column | type | nulls | meaning |", "|---|---|---|---|"]
         for col in self.columns:
             nulls = "yes" if col.nullable else "no"

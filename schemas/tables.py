@@ -48,6 +48,7 @@ CATALOG_SNAPSHOTS = TableContract(
 )
 
 PRODUCTS = TableContract(
+    row_group_rows=1024,
     name="products",
     doc=(
         "The clean catalog: one row per product ever seen, MERGEd by `product_id` from each validated "
@@ -77,6 +78,7 @@ PRODUCTS = TableContract(
 )
 
 QUARANTINE = TableContract(
+    row_group_rows=1024,
     name="quarantine",
     doc=(
         "Rows that a stage could not accept, with the reason and the raw row, so that nothing is "
@@ -101,6 +103,7 @@ QUARANTINE = TableContract(
 )
 
 PRODUCT_EMBEDDINGS = TableContract(
+    row_group_rows=4096,
     name="product_embeddings",
     doc=(
         "MOON3.0 embeddings: one row per product and model version, MERGEd by key. A row is "
@@ -151,6 +154,7 @@ INDEX_VERSIONS = TableContract(
 )
 
 CREATIVES = TableContract(
+    row_group_rows=1024,
     name="creatives",
     doc="AI-generated ad creatives: images of a product, with the factors they were composed from.",
     key=("creative_id",),
@@ -278,6 +282,7 @@ MODEL_REGISTRY = TableContract(
 )
 
 TRAINING_PRODUCTS = TableContract(
+    row_group_rows=1024,
     name="training_products",
     doc=(
         "The product corpus that training and offline evaluation read (jobs/training_data.py): live "

@@ -189,6 +189,31 @@ def test_compact_and_vacuum(spark, table_uri):
     assert len(current(spark, table_uri)) == 20
 
 
+def test_every_writer_keeps_the_contracts_row_group_size(spark, table_uri):
+    """Spark writes, MERGE and compaction all cap Parquet row groups at the contract's size."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    small_groups = dataclasses.replace(EVENTS, row_group_rows=4)
+
+    def largest_group() -> int:
+        sizes = []
+        for path in Path(table_uri).rglob("*.parquet"):
+            meta = pq.ParquetFile(path).metadata
+            sizes += [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return max(sizes)
+
+    delta.write(frame(spark, rows(range(30), D1), partitions=1), table_uri, small_groups)
+    assert largest_group() == 4
+    delta.merge(frame(spark, rows(range(20, 40), D1, tag="b")), table_uri, small_groups)
+    delta.vacuum(table_uri, retention_hours=0)  # only the files MERGE wrote and the untouched ones
+    assert largest_group() == 4
+    delta.compact(table_uri, small_groups)
+    delta.vacuum(table_uri, retention_hours=0)
+    assert largest_group() == 4 and len(current(spark, table_uri)) == 40
+
+
 def test_idempotency_key_makes_a_repeated_write_a_no_op(spark, table_uri):
     df = frame(spark, rows(range(4), D1))
     first = delta.write(df, table_uri, EVENTS, idempotency_key=("test-job", 20261101))

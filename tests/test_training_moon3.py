@@ -97,6 +97,33 @@ def test_schedule_warms_up_with_sft_then_runs_the_joint_objective():
         load_config("moon3", {"use_firee": False})
 
 
+def test_image_augmentation_mirrors_and_shifts_deterministically():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.moon3_data import augmented_image
+
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[10:14, 3:6] = 255  # a bright block near the left edge
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    original = out.getvalue()
+
+    def decoded(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    views = [decoded(augmented_image(original, np.random.default_rng(seed))) for seed in range(40)]
+    assert all(v.shape == (28, 28) and v.sum() == pixels.sum() for v in views)  # shifted, never cropped off
+    block_columns = [int(np.flatnonzero(v.max(axis=0))[0]) for v in views]
+    assert min(block_columns) >= 1 and max(block_columns) <= 24  # left: 3 +- 2; mirrored: 22 +- 2
+    assert any(c < 14 for c in block_columns) and any(c > 14 for c in block_columns)  # both orientations
+    assert len({v.tobytes() for v in views}) > 5
+    again = decoded(augmented_image(original, np.random.default_rng(7)))
+    assert np.array_equal(again, views[7])
+
+
 def test_deepspeed_steps_change_every_trainable_parameter(settings, trained):
     assert trained["steps"] == 2 and trained["zero_stage"] == 2 and trained["world_size"] == 1
     metrics = trained["last_metrics"]

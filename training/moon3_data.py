@@ -30,11 +30,41 @@ class ProductRecord:
     image_bytes: bytes
     reasoning_target: str
 
-    def view(self, with_text: bool) -> ProductInput:
-        """The product as the model reads it: everything, or its image alone (no text naming it)."""
+    def view(self, with_text: bool, augment: np.random.Generator | None = None) -> ProductInput:
+        """The product as the model reads it: everything, or its image alone (no text naming it).
+        With ``augment``, the image is randomly mirrored and shifted (see ``augmented_image``)."""
+        image = augmented_image(self.image_bytes, augment) if augment is not None else self.image_bytes
         if with_text:
-            return ProductInput(self.title, self.image_bytes, self.category_path, self.attributes, self.description)
-        return ProductInput(NEUTRAL_TITLE, self.image_bytes)
+            return ProductInput(self.title, image, self.category_path, self.attributes, self.description)
+        return ProductInput(NEUTRAL_TITLE, image)
+
+
+MAX_SHIFT = 1 / 14  # of the image's side: 2 pixels of a 28x28 Fashion-MNIST photo
+
+
+def augmented_image(image_bytes: bytes, rng: np.random.Generator) -> bytes:
+    """The photo mirrored left-right half of the time and shifted by up to MAX_SHIFT of its side
+    (edge pixels fill the gap): a product photo's class does not depend on either, so the
+    contrastive objective learns to ignore them instead of memorising exact pixels. PNG-encoded."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    image = Image.open(io.BytesIO(image_bytes))
+    image.load()
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    width, height = image.size
+    dx, dy = (int(rng.integers(-round(side * MAX_SHIFT), round(side * MAX_SHIFT) + 1)) for side in (width, height))
+    if dx or dy:
+        array = np.asarray(image)
+        pad = ((abs(dy), abs(dy)), (abs(dx), abs(dx))) + ((0, 0),) * (array.ndim - 2)
+        padded = np.pad(array, pad, mode="edge")
+        top, left = abs(dy) - dy, abs(dx) - dx
+        image = Image.fromarray(padded[top:top + height, left:left + width])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 @dataclass

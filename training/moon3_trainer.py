@@ -64,6 +64,7 @@ class Moon3TrainConfig:
     max_reasoning_tokens: int = 16
     export_date: str | None = None  # the training-set export to read (default: the latest)
     text_dropout: float = 0.5  # probability that a product is shown as its image alone
+    augment_images: bool = False  # mirror and shift each training view's photo at random
     # Objectives (weight 0 = off).
     sft_warmup_steps: int = 20
     sft_weight: float = 0.1  # after the warm-up
@@ -305,8 +306,9 @@ def build_inputs(
     rng: np.random.Generator, device: torch.device, think_end_id: int,
 ) -> dict[str, Any]:
     show_text = rng.random(2 * len(examples)) >= config.text_dropout
-    views = [e.product.view(bool(t)) for e, t in zip(examples, show_text[: len(examples)])]
-    views += [e.positive.view(bool(t)) for e, t in zip(examples, show_text[len(examples):])]
+    augment = rng if config.augment_images else None
+    views = [e.product.view(bool(t), augment) for e, t in zip(examples, show_text[: len(examples)])]
+    views += [e.positive.view(bool(t), augment) for e, t in zip(examples, show_text[len(examples):])]
     encoded = [processor.encode(v) for v in views]
     inputs: dict[str, Any] = {"weights": weights}
     if weights["query_nce"] > 0 or weights["product_nce"] > 0 or weights["grpo"] > 0:

@@ -268,3 +268,42 @@ def test_a_run_killed_midway_completes_on_rerun_without_duplicates(spark, tmp_pa
     assert embedded.to_embed == embedded.embedded == 64
     vectors = delta.read(spark, settings.table_uri("product_embeddings"))
     assert vectors.count() == vectors.select("product_id").distinct().count() == 64
+
+
+def test_a_product_the_model_cannot_read_is_quarantined_by_embed(spark, tmp_path, models):
+    """A product that passed ingest but whose stored image cannot be decoded (damaged at rest) is
+    quarantined by embed with its reason and raw bytes; the rest of the run is embedded; a rerun of
+    the date replaces the quarantine instead of adding to it."""
+    from pyspark.sql import functions as F
+
+    from schemas.tables import PRODUCTS
+
+    settings = Settings.from_env(home=tmp_path / "home")
+    build_sample_snapshots(settings.snapshots_uri, settings.raw_data_dir, D1, days=1, fashion_items=10)
+    ingest(D1, settings, spark)
+    assert embed(D1, models[0], settings, spark).embedded == 64
+    uri = settings.table_uri(PRODUCTS.name)
+    damaged_id, edited_id = [r.product_id for r in delta.read(spark, uri).orderBy("product_id").limit(2).collect()]
+    garbage = b"\xff\xd8\xff\xe0 not a jpeg"
+    changes = (
+        delta.read(spark, uri).where(F.col("product_id").isin(damaged_id, edited_id))
+        .withColumn("image_bytes", F.when(F.col("product_id") == damaged_id, F.lit(garbage)).otherwise(F.col("image_bytes")))
+        .withColumn("title", F.concat("title", F.lit(" (new season)")))
+        .withColumn("content_hash", F.sha2(F.concat("content_hash", F.lit("x")), 256))
+    )
+    delta.merge(changes, uri, PRODUCTS)
+
+    def embed_quarantine() -> list:
+        rows = delta.read(spark, settings.table_uri("quarantine")).where("stage = 'embed'").collect()
+        return [(r.product_id, r.reason_code, r.snapshot_date, r.raw_image) for r in rows]
+
+    summary = embed(D1, models[0], settings, spark)
+    assert (summary.to_embed, summary.embedded, summary.quarantined) == (2, 1, 1)
+    assert summary.quarantine_reasons == {"image_undecodable": 1}
+    assert embed_quarantine() == [(damaged_id, "image_undecodable", D1, garbage)]
+    edited = delta.read(spark, settings.table_uri("product_embeddings")).where(F.col("product_id") == edited_id).first()
+    assert edited.content_hash == _products(spark, settings)[edited_id].content_hash
+
+    rerun = embed(D1, models[0], settings, spark)  # the damaged product is still there to embed
+    assert (rerun.to_embed, rerun.embedded, rerun.quarantined) == (1, 0, 1)
+    assert embed_quarantine() == [(damaged_id, "image_undecodable", D1, garbage)]

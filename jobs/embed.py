@@ -21,6 +21,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from moonpipe import delta
 from moonpipe.progress import stage
@@ -283,8 +284,6 @@ def _failures(outputs: "pa.Table | DataFrame") -> list[tuple[int, str, str]]:
     """(source_row, error_code, error) of each product the model could not process."""
     columns = ["source_row", "error_code", "error"]
     if isinstance(outputs, pa.Table):
-        import pyarrow.compute as pc
-
         rows = outputs.filter(pc.is_valid(outputs["error_code"])).select(columns).to_pylist()
         return [(r["source_row"], r["error_code"], r["error"]) for r in rows]
     return [tuple(r) for r in outputs.where("error_code IS NOT NULL").select(*columns).collect()]
@@ -296,8 +295,6 @@ def _vectors(outputs: "pa.Table | DataFrame", version: str, snapshot_date: date)
     constants = {"model_version": version, "snapshot_date": snapshot_date, "embedded_at": now}
     columns = [c.name for c in PRODUCT_EMBEDDINGS.columns]
     if isinstance(outputs, pa.Table):
-        import pyarrow.compute as pc
-
         good = outputs.filter(pc.is_null(outputs["error_code"]))
         for name, value in constants.items():
             good = good.append_column(name, pa.array([value] * good.num_rows))

@@ -212,7 +212,10 @@ def build_creative_data(
 
     pairs = query("SELECT * FROM creative_pairs", settings)
     summary.creative_pairs = pairs.num_rows
-    summary.pair_label_agreement = pair_label_agreement(pairs, creatives)
+    # The pairs view spans every creative in the table, not only this run's (an earlier run may
+    # have composed more products).
+    known = delta.read_arrow(settings.table_uri(CREATIVES.name), columns=["creative_id", "factors"])
+    summary.pair_label_agreement = pair_label_agreement(pairs, known)
     LOG.info("creative data %s: %s", run_date, summary.as_dict())
     return summary
 

@@ -90,10 +90,25 @@ def run_dag(dag, day: date, **conf) -> dict:
     return {"states": states, "summaries": summaries, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _check_home_is_not_ahead(settings: Settings, start: date, last: date) -> None:
+    """Fail at once, not after the DAG's retries, when the home already holds newer snapshots than
+    the demo's (ingest refuses to roll products back)."""
+    from jobs.ingest import ingested_snapshots
+
+    newest = max(ingested_snapshots(settings), default=None)
+    if newest and newest > last.isoformat():
+        raise RuntimeError(
+            f"{settings.home} already holds products up to snapshot {newest}, newer than the demo's "
+            f"{start}..{last}, and the demo would roll them back: run it in a fresh home "
+            f"(MOONPIPE_HOME=/path/to/new/home make demo) or remove {settings.home}"
+        )
+
+
 def run_demo(days: int = 2, fashion_items: int = 300, settings: Settings | None = None) -> dict:
     settings = settings or Settings.from_env()
     start = date.fromisoformat(SAMPLE_START_DATE)
     last = start + timedelta(days=days - 1)
+    _check_home_is_not_ahead(settings, start, last)
     with stage("Airflow metadata DB (SQLite)", LOG):
         airflow_home = configure_airflow(settings)
 

@@ -243,7 +243,7 @@ def quarantine_frame(
 # -- the job -----------------------------------------------------------------------------------------
 
 
-def _ingested(settings: Settings) -> dict[str, int]:
+def ingested_snapshots(settings: Settings) -> dict[str, int]:
     """Snapshot dates already merged into products, with their input row counts (from the commits)."""
     uri = settings.table_uri(PRODUCTS.name)
     if not delta.exists(uri):
@@ -282,7 +282,7 @@ def ingest(
     spark = spark or get_spark()
     source_uri = source_uri or settings.snapshot_uri(snapshot_date.isoformat())
     summary = IngestSummary(snapshot_date.isoformat(), source_uri)
-    ingested = _ingested(settings)
+    ingested = ingested_snapshots(settings)
     newest = max(ingested, default=None)
     if newest and newest > snapshot_date.isoformat() and not allow_older:
         raise ValueError(

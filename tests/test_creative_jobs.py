@@ -190,3 +190,15 @@ def test_cli_report_and_query_without_spark(home, scored, monkeypatch, capsys, t
         assert "--png needs matplotlib" in capsys.readouterr().err and not png.exists()
     else:
         assert main(["creatives", "report", "--png", str(png)]) == 0 and png.stat().st_size > 0
+
+
+def test_a_smaller_rebuild_over_a_larger_one_scores_every_pair(spark, tmp_path):
+    """The creative_pairs view spans every creative in the table: a run that composes fewer
+    products than an earlier one still labels all of them (this crashed `moonpipe demo` on a home
+    where `creatives build-data` had built more)."""
+    settings = Settings.from_env(home=tmp_path / "home")
+    larger = build_creative_data(D1, settings, spark, **DATA)
+    smaller = build_creative_data(D2, settings, spark, **{**DATA, "vendure_products": 1})  # D1's events stay
+    assert smaller.products < larger.products
+    assert smaller.creative_pairs >= larger.creative_pairs > 0  # the view spans both dates
+    assert smaller.pair_label_agreement is not None and smaller.pair_label_agreement >= 0.9

@@ -218,7 +218,10 @@ def embed(
         row = counts.first()
         summary.live_products, summary.to_embed = row["live"] or 0, row["needs_embedding"] or 0
         stale = row["stale"] or 0
-        todo = needing_model(live, keys, summary.to_embed, summary.live_products).select(*MODEL_COLUMNS)
+        # source_row: the key of a quarantine row, should the model reject the product.
+        todo = needing_model(live, keys, summary.to_embed, summary.live_products).select(
+            *MODEL_COLUMNS, F.xxhash64("product_id").alias("source_row")
+        )
         record.rows = summary.to_embed
         summary.skipped_unchanged = summary.live_products - summary.to_embed
     summary.seconds["select"] = round(time.perf_counter() - clock, 2)
@@ -231,8 +234,7 @@ def embed(
         else:
             partitions = max(1, min(spark.sparkContext.defaultParallelism, summary.to_embed))
             outputs = (
-                todo.withColumn("source_row", F.xxhash64("product_id"))
-                .repartition(partitions)
+                todo.repartition(partitions)
                 .mapInArrow(partial(embed_batches, model_dir=model_dir, options=options), from_arrow_schema(UDF_OUTPUT))
             )
             if summary.to_embed <= DRIVER_MERGE_ROWS:
@@ -310,10 +312,9 @@ def _write_quarantine(
 ) -> "delta.WriteResult | None":
     """Replace this date's embed quarantine with ``failed`` ((source_row, error_code, error) rows).
 
-    Rows the model rejected are re-read from ``todo`` for their raw content. With nothing to
-    quarantine and nothing there from an earlier run of the date, no commit is made at all."""
-    from pyspark.sql import functions as F
-
+    Rows the model rejected are re-read from ``todo`` (keyed by its source_row) for their raw
+    content. With nothing to quarantine and nothing there from an earlier run of the date, no
+    commit is made at all."""
     from jobs.ingest import quarantine_frame
 
     uri = settings.table_uri(QUARANTINE.name)
@@ -327,9 +328,8 @@ def _write_quarantine(
             return None
         return delta.write(QUARANTINE.empty_arrow(), uri, QUARANTINE, **options)
     reasons = {key: [(code, error)] for key, code, error in failed}
-    rows = todo.withColumn("source_row", F.xxhash64("product_id"))
     frame = quarantine_frame(
-        spark, rows, reasons, stage_name=STAGE, snapshot_date=snapshot_date, source_uri=settings.table_uri(PRODUCTS.name)
+        spark, todo, reasons, stage_name=STAGE, snapshot_date=snapshot_date, source_uri=settings.table_uri(PRODUCTS.name)
     )
     return delta.write(frame, uri, QUARANTINE, **options)
 

@@ -124,7 +124,6 @@ def cmd_table_history(args: argparse.Namespace) -> int:
 def cmd_table_compact(args: argparse.Namespace) -> int:
     from moonpipe import delta
     from moonpipe.settings import Settings
-
     from schemas import TABLES
 
     _print_json(delta.compact(Settings.from_env().table_uri(args.table), TABLES.get(args.table)))

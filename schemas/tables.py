@@ -6,6 +6,11 @@ from __future__ import annotations
 from schemas.contract import Column as C
 from schemas.contract import TableContract
 
+# Parquet row groups of tables with an image per row (~15 KB) or a vector per row (up to 6 KB):
+# a few tens of MB each, so one file's scan splits across tasks (see TableContract.row_group_rows).
+IMAGE_ROW_GROUP_ROWS = 1024
+VECTOR_ROW_GROUP_ROWS = 4096
+
 CATALOG_SNAPSHOT = TableContract(
     name="catalog_snapshot",
     is_delta_table=False,
@@ -48,8 +53,8 @@ CATALOG_SNAPSHOTS = TableContract(
 )
 
 PRODUCTS = TableContract(
-    row_group_rows=1024,
     name="products",
+    row_group_rows=IMAGE_ROW_GROUP_ROWS,
     doc=(
         "The clean catalog: one row per product ever seen, MERGEd by `product_id` from each validated "
         "snapshot. A product missing from a snapshot is kept with `is_deleted = true`, never removed."
@@ -78,8 +83,8 @@ PRODUCTS = TableContract(
 )
 
 QUARANTINE = TableContract(
-    row_group_rows=1024,
     name="quarantine",
+    row_group_rows=IMAGE_ROW_GROUP_ROWS,
     doc=(
         "Rows that a stage could not accept, with the reason and the raw row, so that nothing is "
         "dropped silently. Rerunning a stage for a date replaces that stage's rows for the date."
@@ -103,8 +108,8 @@ QUARANTINE = TableContract(
 )
 
 PRODUCT_EMBEDDINGS = TableContract(
-    row_group_rows=4096,
     name="product_embeddings",
+    row_group_rows=VECTOR_ROW_GROUP_ROWS,
     doc=(
         "MOON3.0 embeddings: one row per product and model version, MERGEd by key. A row is "
         "refreshed only when the product's `content_hash` changes or the model version is new."
@@ -154,8 +159,8 @@ INDEX_VERSIONS = TableContract(
 )
 
 CREATIVES = TableContract(
-    row_group_rows=1024,
     name="creatives",
+    row_group_rows=IMAGE_ROW_GROUP_ROWS,
     doc="AI-generated ad creatives: images of a product, with the factors they were composed from.",
     key=("creative_id",),
     columns=(
@@ -282,8 +287,8 @@ MODEL_REGISTRY = TableContract(
 )
 
 TRAINING_PRODUCTS = TableContract(
-    row_group_rows=1024,
     name="training_products",
+    row_group_rows=IMAGE_ROW_GROUP_ROWS,
     doc=(
         "The product corpus that training and offline evaluation read (jobs/training_data.py): live "
         "catalog products plus the Fashion-MNIST train/test images, each with a split fixed by its "

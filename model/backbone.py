@@ -82,7 +82,7 @@ def _prompt_corpus() -> list[str]:
     single-letter pieces (a real Qwen tokenizer knows these words too)."""
     # Imported here: both modules import this one.
     from model import creative4u_protocol as creative
-    from model.moon3_processing import SYSTEM_PROMPT
+    from model.moon3_config import SYSTEM_PROMPT
 
     steps = [question for _, question in creative.PROTOCOL_STEPS]
     labels = "Title: Category: Attributes: Description: Query: Product title: User interests (frequent searches): "

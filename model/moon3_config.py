@@ -14,6 +14,14 @@ from model.backbone import PRESETS
 
 CONFIG_FORMAT = 1
 
+# The instruction MOON3.0 is prompted with (the system turn). A pretrained backbone is fine-tuned
+# under it; a model trained from scratch learns nothing from a fixed prefix, so its training config
+# may set "" (no system turn) and save those tokens on every product.
+SYSTEM_PROMPT = (
+    "You represent e-commerce products for search. First list the product's key attributes "
+    "(category, color, material, style, ...) as 'key: value; ...', then give its embedding."
+)
+
 
 @dataclass(frozen=True)
 class PromptBudget:
@@ -24,6 +32,8 @@ class PromptBudget:
     min_image_pixels: int = 56 * 56
     max_extra_images: int = 2
     max_reasoning_tokens: int = 48
+    # Saved with the model: it is prompted at inference exactly as it was trained.
+    system_prompt: str = SYSTEM_PROMPT
 
     def __post_init__(self) -> None:
         if self.max_text_tokens < 16:

@@ -16,11 +16,6 @@ import torch
 from model.backbone import THINK_START
 from model.moon3_config import PromptBudget
 
-SYSTEM_PROMPT = (
-    "You represent e-commerce products for search. First list the product's key attributes "
-    "(category, color, material, style, ...) as 'key: value; ...', then give its embedding."
-)
-
 
 class ProductRejected(ValueError):
     """A product the model cannot process; ``code`` is machine-readable (quarantine reason_code)."""
@@ -126,13 +121,20 @@ class Moon3Processor:
         vision = "".join(
             "<|vision_start|>" + "<|image_pad|>" * int(thw.prod() // merge) + "<|vision_end|>" for thw in grid
         )
-        prompt = (
-            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-            f"<|im_start|>user\n{vision}{text}<|im_end|>\n"
-            f"<|im_start|>assistant\n{THINK_START}"
-        )
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(self.chat_prompt(vision + text), add_special_tokens=False)["input_ids"]
         return Encoded(ids, pixels["pixel_values"], grid)
+
+    def encode_query(self, query: str) -> Encoded:
+        """A search query as a text-only prompt in the product prompt's format."""
+        ids = self.tokenizer(f"Query: {query.strip()}", add_special_tokens=False)["input_ids"]
+        text = self.tokenizer.decode(ids[: self.budget.max_text_tokens])
+        return Encoded(self.tokenizer(self.chat_prompt(text), add_special_tokens=False)["input_ids"], None, None)
+
+    def chat_prompt(self, user: str) -> str:
+        """The chat turns up to the opened reasoning; no system turn when the budget's prompt is empty."""
+        system = self.budget.system_prompt
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{THINK_START}"
 
     def collate(self, items: Sequence[Encoded], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Left-pad a batch (the embedding token then sits last in every row) and stack pixels."""

@@ -181,7 +181,7 @@ def test_prompt_respects_text_and_image_budgets(model):
 def test_preset_prompts_spend_tokens_on_the_product_not_on_the_fixed_text(model):
     """The preset tokenizer learned the prompt's own words: the fixed text costs tens of tokens."""
     from model.creative4u_protocol import SYSTEM_PROMPT as CREATIVE_PROMPT
-    from model.moon3_processing import SYSTEM_PROMPT
+    from model.moon3_config import SYSTEM_PROMPT
 
     count = lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     # Under two tokens a word, punctuation included (single letters made it about four).
@@ -194,6 +194,32 @@ def test_preset_prompts_spend_tokens_on_the_product_not_on_the_fixed_text(model)
     encoded = processor.encode(ProductInput("product", small.getvalue()))
     assert encoded.input_ids.count(model.image_token_id) == 4
     assert len(encoded.input_ids) < 80  # was 133 when the system prompt was spelt letter by letter
+
+
+def test_the_system_prompt_is_saved_with_the_model_and_can_be_left_out(tmp_path, model, products):
+    """A model trained without a system turn is prompted without one after loading; a config saved
+    before the field existed loads with the default instruction."""
+    from model.moon3_config import SYSTEM_PROMPT
+
+    bare = build_model(Moon3Config(prompt=PromptBudget(system_prompt="")))
+    full_processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    full = full_processor.encode(products[1])
+    save_checkpoint(bare, tmp_path / "bare")
+    loaded = load_checkpoint(tmp_path / "bare")
+    assert loaded.config.prompt.system_prompt == ""
+    processor = Moon3Processor(loaded.tokenizer, loaded.image_processor, loaded.config.prompt)
+    short = processor.encode(products[1])
+    decoded = loaded.tokenizer.decode(short.input_ids)
+    assert decoded.startswith("<|im_start|>user\n") and "system" not in decoded
+    system_tokens = len(model.tokenizer(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")["input_ids"])
+    assert short.length == full.length - system_tokens
+    assert torch.equal(short.pixel_values, full.pixel_values)
+    query = processor.encode_query("red dress")
+    assert model.tokenizer.decode(query.input_ids).startswith("<|im_start|>user\nQuery: red dress<|im_end|>")
+    assert torch.isfinite(_embed(loaded, products[:2]).embeddings).all()
+    legacy = json.loads(bare.config.to_json())
+    del legacy["prompt"]["system_prompt"]
+    assert Moon3Config.from_json(json.dumps(legacy)).prompt.system_prompt == SYSTEM_PROMPT
 
 
 def test_predictor_turns_bad_products_into_row_errors(products):

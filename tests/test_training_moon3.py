@@ -86,6 +86,25 @@ def test_info_nce_masks_same_group_negatives_and_uses_the_temperature():
     assert torch.isclose(masked, torch.nn.functional.cross_entropy(logits, torch.arange(3)), atol=1e-6)
 
 
+def test_info_nce_with_group_positives_averages_over_every_same_group_key():
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    keys = torch.nn.functional.normalize(torch.tensor([[0.8, 0.6], [1.0, 0.1], [0.1, 1.0]]), dim=-1)
+    scale = torch.tensor([math.log(5.0)])
+    groups = torch.tensor([0, 0, 1])
+    loss = info_nce(queries, keys, scale, groups, symmetric=False, group_positives=True)
+    log_probs = (5.0 * queries @ keys.T).log_softmax(dim=1)
+    # Rows 0 and 1 have two positives (keys 0 and 1), row 2 one (key 2).
+    expected = -((log_probs[0, 0] + log_probs[0, 1]) / 2 + (log_probs[1, 0] + log_probs[1, 1]) / 2 + log_probs[2, 2]) / 3
+    assert torch.isclose(loss, expected, atol=1e-6)
+    both = info_nce(queries, keys, scale, groups, group_positives=True)
+    reverse = info_nce(keys, queries, scale, groups, symmetric=False, group_positives=True)
+    assert torch.isclose(both, 0.5 * (loss + reverse), atol=1e-6)
+    # With one member per group it is plain InfoNCE.
+    distinct = torch.tensor([0, 1, 2])
+    assert torch.isclose(info_nce(queries, keys, scale, distinct, group_positives=True),
+                         info_nce(queries, keys, scale), atol=1e-6)
+
+
 def test_schedule_warms_up_with_sft_then_runs_the_joint_objective():
     config = load_config("moon3", {"sft_warmup_steps": 2, "grpo_every": 2, "sft_weight": 0.1})
     assert plan_step(config, 0) == {"sft": 1.0, "query_nce": 0.0, "product_nce": 0.0, "grpo": 0.0}

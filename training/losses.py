@@ -19,17 +19,24 @@ def info_nce(
     logit_scale: torch.Tensor,
     groups: torch.Tensor | None = None,
     symmetric: bool = True,
+    group_positives: bool = False,
 ) -> torch.Tensor:
     """InfoNCE of row i of ``queries`` against row i of ``keys``, the other rows as negatives.
 
     Inputs are L2-normalised [B, D]; ``logit_scale`` is the log of the inverse temperature
     (clamped to 100, as CLIP does). With ``groups`` [B], rows j != i with groups[j] == groups[i]
-    are masked out: they are positives too, not negatives.
+    are not negatives: they are masked out or, with ``group_positives``, counted as positives
+    (supervised contrastive: the loss averages the log-probability of every same-group key, so
+    one batch teaches each row all of its group's members rather than one partner).
     """
     if queries.shape != keys.shape or queries.ndim != 2:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must both be [B, D]")
     scale = logit_scale.float().exp().clamp(max=100.0).reshape(())
     logits = scale * queries.float() @ keys.float().T
+    if groups is not None and group_positives:
+        same = groups[:, None] == groups[None, :]
+        loss = _multi_positive_cross_entropy(logits, same)
+        return 0.5 * (loss + _multi_positive_cross_entropy(logits.T, same.T)) if symmetric else loss
     if groups is not None:
         same = groups[:, None] == groups[None, :]
         same.fill_diagonal_(False)
@@ -39,6 +46,13 @@ def info_nce(
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
     return loss
+
+
+def _multi_positive_cross_entropy(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the negative mean log-softmax over that row's positive columns."""
+    log_probs = logits.log_softmax(dim=1)
+    per_row = (log_probs * positive).sum(dim=1) / positive.sum(dim=1)
+    return -per_row.mean()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:

@@ -98,14 +98,13 @@ def embed_queries(checkpoint: str, queries: list[str], batch: int = 128) -> np.n
 
     from model.moon3_checkpoint import load_checkpoint
     from model.moon3_processing import Moon3Processor
-    from training.moon3_trainer import encode_query
 
     model = load_checkpoint(checkpoint).eval()
     processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
     vectors = []
     with torch.inference_mode():
         for start in range(0, len(queries), batch):
-            items = [encode_query(processor, q) for q in queries[start:start + batch]]
+            items = [processor.encode_query(q) for q in queries[start:start + batch]]
             vectors.append(model(**processor.collate(items)).embeddings.numpy())
     return np.concatenate(vectors) if vectors else np.zeros((0, model.config.embedding_dim), np.float32)
 

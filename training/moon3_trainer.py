@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.moon3 import Moon3Model, parse_attributes
-from model.moon3_config import Moon3Config, PromptBudget
-from model.moon3_processing import SYSTEM_PROMPT, Encoded, Moon3Processor
+from model.moon3_config import SYSTEM_PROMPT, Moon3Config, PromptBudget
+from model.moon3_processing import Moon3Processor
 from moonpipe.settings import Settings
 from training import engine as ds
 from training.losses import group_advantages, grpo_loss, info_nce
@@ -62,6 +62,7 @@ class Moon3TrainConfig:
     # image_pixels to give small photos (Fashion-MNIST's 28x28) the whole budget of patches.
     min_image_pixels: int | None = None
     max_reasoning_tokens: int = 16
+    system_prompt: str = SYSTEM_PROMPT  # "" for none: see model.moon3_config.SYSTEM_PROMPT
     export_date: str | None = None  # the training-set export to read (default: the latest)
     text_dropout: float = 0.5  # probability that a product is shown as its image alone
     augment_images: bool = False  # mirror and shift each training view's photo at random
@@ -71,6 +72,9 @@ class Moon3TrainConfig:
     query_nce_weight: float = 1.0
     product_nce_weight: float = 1.0
     initial_temperature: float = 0.07
+    # In-batch products of the anchor's category: masked out of the negatives (False) or also
+    # counted as positives (True, supervised contrastive).
+    category_positives: bool = False
     grpo_weight: float = 0.5
     grpo_every: int = 4  # GRPO on every N-th step (generation is the costly part)
     grpo_products: int = 4  # R
@@ -97,25 +101,12 @@ class Moon3TrainConfig:
         dims = tuple(d for d in (32, 64, 128, 256) if d < self.embedding_dim) + (self.embedding_dim,)
         smallest = self.min_image_pixels or min(self.image_pixels, 56 * 56)
         budget = PromptBudget(max_image_pixels=self.image_pixels, min_image_pixels=smallest,
-                              max_reasoning_tokens=self.max_reasoning_tokens)
+                              max_reasoning_tokens=self.max_reasoning_tokens, system_prompt=self.system_prompt)
         return Moon3Config(backbone=self.backbone, embedding_dim=self.embedding_dim, matryoshka_dims=dims,
                            use_mhmf=self.use_mhmf, use_fire=self.use_fire, prompt=budget, seed=self.run.seed)
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-
-
-def encode_query(processor: Moon3Processor, query: str) -> Encoded:
-    """A search query as a text-only prompt in the product prompt's format (same system prompt)."""
-    from model.backbone import THINK_START
-
-    text = processor.tokenizer.decode(
-        processor.tokenizer(f"Query: {query.strip()}", add_special_tokens=False)["input_ids"][
-            : processor.budget.max_text_tokens]
-    )
-    prompt = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
-              f"<|im_start|>assistant\n{THINK_START}")
-    return Encoded(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"], None, None)
 
 
 def _unpadded_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -216,13 +207,14 @@ class Moon3Objective(nn.Module):
             groups = inputs["groups"]
             half = products.shape[0] // 2
             anchors, positives = products[:half], products[half:]
+            by_category = self.config.category_positives
             if weights["product_nce"] > 0:
-                pp = info_nce(anchors, positives, self.logit_scale, groups)
+                pp = info_nce(anchors, positives, self.logit_scale, groups, group_positives=by_category)
                 loss = loss + weights["product_nce"] * pp
                 metrics["product_nce"] = float(pp.detach())
             if weights["query_nce"] > 0:
                 queries = model(**inputs["queries"]).embeddings
-                qp = info_nce(queries, anchors, self.logit_scale, groups)
+                qp = info_nce(queries, anchors, self.logit_scale, groups, group_positives=by_category)
                 loss = loss + weights["query_nce"] * qp
                 metrics["query_nce"] = float(qp.detach())
             metrics["temperature"] = float(1.0 / self.logit_scale.detach().exp().clamp(max=100.0))
@@ -315,7 +307,7 @@ def build_inputs(
         inputs["products"] = processor.collate(encoded, device)
         inputs["groups"] = torch.tensor([e.category_id for e in examples], device=device)
     if weights["query_nce"] > 0:
-        inputs["queries"] = processor.collate([encode_query(processor, e.query) for e in examples], device)
+        inputs["queries"] = processor.collate([processor.encode_query(e.query) for e in examples], device)
     if weights["sft"] > 0:
         inputs["sft_batch"] = processor.collate(encoded[: len(examples)], device)
         inputs["sft_targets"] = [sft_completion(processor.tokenizer, e.product.reasoning_target,

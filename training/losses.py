@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def info_nce(
@@ -33,25 +32,24 @@ def info_nce(
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must both be [B, D]")
     scale = logit_scale.float().exp().clamp(max=100.0).reshape(())
     logits = scale * queries.float() @ keys.float().T
-    if groups is not None and group_positives:
-        same = groups[:, None] == groups[None, :]
-        loss = _multi_positive_cross_entropy(logits, same)
-        return 0.5 * (loss + _multi_positive_cross_entropy(logits.T, same.T)) if symmetric else loss
+    positive = torch.eye(len(queries), dtype=torch.bool, device=logits.device)
     if groups is not None:
         same = groups[:, None] == groups[None, :]
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
-    target = torch.arange(len(queries), device=queries.device)
-    loss = F.cross_entropy(logits, target)
+        if group_positives:
+            positive = same
+        else:
+            logits = logits.masked_fill(same & ~positive, float("-inf"))
+    loss = _multi_positive_cross_entropy(logits, positive)
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
+        loss = 0.5 * (loss + _multi_positive_cross_entropy(logits.T, positive.T))
     return loss
 
 
 def _multi_positive_cross_entropy(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of the negative mean log-softmax over that row's positive columns."""
-    log_probs = logits.log_softmax(dim=1)
-    per_row = (log_probs * positive).sum(dim=1) / positive.sum(dim=1)
+    """Mean over rows of the negative mean log-softmax over that row's positive columns (with one
+    positive a row, cross-entropy)."""
+    log_probs = logits.log_softmax(dim=1).masked_fill(~positive, 0.0)  # -inf x 0 would be nan
+    per_row = log_probs.sum(dim=1) / positive.sum(dim=1)
     return -per_row.mean()
 
 

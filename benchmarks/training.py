@@ -8,9 +8,13 @@ each variant's cost relative to the first. Variants:
     nce+sft      plus the SFT term on every step
     joint        InfoNCE + SFT + GRPO on every step (G samples per product)
     joint-zero3  the same under ZeRO stage 3
+    nce+sft+worker  nce+sft with one input worker process building the next steps' inputs
+                 (``--worker-threads`` torch threads for the model: on 2 cores, 1 thread + 1 worker)
 
     python -m benchmarks.training --preset tiny --steps 6 --batch 16
     python -m benchmarks.training --preset small --steps 4 --variants nce,joint
+    python -m benchmarks.training --batch 64 --image-pixels 7056 --steps 40 --threads 2 \
+        --worker-threads 1 --variants nce+sft,nce+sft+worker
 
 The first step of each variant (DeepSpeed set-up, first allocation) is excluded from the timing;
 variants run interleaved over ``--rounds`` and each keeps its best round (the machine's load drifts).
@@ -32,6 +36,7 @@ VARIANTS = {
     "joint": {"sft_warmup_steps": 0, "sft_weight": 0.1, "grpo_weight": 0.5, "grpo_every": 1},
     "joint-zero3": {"sft_warmup_steps": 0, "sft_weight": 0.1, "grpo_weight": 0.5, "grpo_every": 1,
                     "run": {"zero": "zero3"}},
+    "nce+sft+worker": {"sft_warmup_steps": 0, "sft_weight": 0.1, "grpo_weight": 0.0, "run": {"input_workers": 1}},
 }
 
 
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-pixels", type=int, default=56 * 56)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--worker-threads", type=int, default=None,
+                        help="torch threads of the variants with input workers (default: --threads)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the best round is kept")
     parser.add_argument("--home", default=None, help="MOONPIPE_HOME to use (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             run = {"run_name": f"bench-{name}-{round_index}-{int(time.time())}", "max_steps": args.steps,
                    "micro_batch": args.batch, "checkpoint_every": 0, "threads": args.threads, "warmup_steps": 1,
                    **overrides.pop("run", {})}
+            if run.get("input_workers") and args.worker_threads is not None:
+                run["threads"] = args.worker_threads
             config = {"run": run, "backbone": args.preset, "image_pixels": args.image_pixels, **overrides}
             summary = train("moon3", config, settings=settings)
             rate = _steady_rate(Path(summary["run_dir"]) / "metrics.jsonl", args.batch)
@@ -87,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["samples_per_s"]
     print(f"MOON3.0 training throughput, preset {args.preset}, batch {args.batch}, {args.steps} steps per "
           f"variant, best of {args.rounds} interleaved rounds")
-    print(f"{'variant':14s} {'ZeRO':>4s} {'precision':>9s} {'samples/s':>10s} {'vs first':>9s}")
+    print(f"{'variant':16s} {'ZeRO':>4s} {'precision':>9s} {'samples/s':>10s} {'vs first':>9s}")
     for row in rows:
-        print(f"{row['variant']:14s} {row['zero_stage']:4d} {row['precision']:>9s} {row['samples_per_s']:10.2f} "
+        print(f"{row['variant']:16s} {row['zero_stage']:4d} {row['precision']:>9s} {row['samples_per_s']:10.2f} "
               f"{row['samples_per_s'] / base:8.2f}x")
     return 0
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model.creative4u_config import Creative4UConfig
+from model.image_pixels import qwen_vl_pixels
 from model.creative4u_protocol import (
     ANSWER_END,
     ANSWER_START,
@@ -157,9 +158,11 @@ class Creative4UModel(nn.Module):
 
     def __init__(self, config: Creative4UConfig, backbone: nn.Module, tokenizer: Any, image_processor: Any) -> None:
         super().__init__()
+        from model.patch_projection import use_linear_patch_projection
         from model.vision_attention import use_grouped_vision_attention
 
         use_grouped_vision_attention(backbone)
+        use_linear_patch_projection(backbone)
         add_format_tokens(backbone, tokenizer)
         self.config = config
         self.backbone = backbone
@@ -190,12 +193,7 @@ class Creative4UModel(nn.Module):
 
     def _pixels(self, comparison: Comparison) -> tuple[torch.Tensor, torch.Tensor]:
         images = [decode_creative(comparison.image_a, "image A"), decode_creative(comparison.image_b, "image B")]
-        pixels = self.image_processor(
-            images=images,
-            size={"shortest_edge": self.config.min_image_pixels, "longest_edge": self.config.max_image_pixels},
-            return_tensors="pt",
-        )
-        return pixels["pixel_values"], pixels["image_grid_thw"]
+        return qwen_vl_pixels(self.image_processor, images, self.config.min_image_pixels, self.config.max_image_pixels)
 
     def prompt_text(self, comparison: Comparison | PairPrompt, grid: torch.Tensor | None = None) -> str:
         """The chat-templated prompt; with ``grid`` each image placeholder is expanded to its tokens."""

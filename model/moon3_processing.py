@@ -14,7 +14,11 @@ from typing import Any
 import torch
 
 from model.backbone import THINK_START
+from model.image_pixels import qwen_vl_pixels
 from model.moon3_config import PromptBudget
+
+
+TOKEN_CACHE_ENTRIES = 65_536  # memoised prompt texts per processor (cleared when full)
 
 
 class ProductRejected(ValueError):
@@ -85,6 +89,17 @@ class Moon3Processor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.budget = budget
+        self._token_cache: dict[str, tuple[int, ...]] = {}
+
+    def token_ids(self, text: str) -> list[int]:
+        """``text``'s token ids (no special tokens added), memoised: prompts repeat (the chat frame,
+        image-only training views, recurring titles), and the tokenizer call dominates their cost."""
+        ids = self._token_cache.get(text)
+        if ids is None:
+            if len(self._token_cache) >= TOKEN_CACHE_ENTRIES:
+                self._token_cache.clear()
+            ids = self._token_cache[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
 
     def product_text(self, product: ProductInput) -> str:
         """Title, category and attributes first; the description fills what the budget leaves."""
@@ -98,10 +113,10 @@ class Moon3Processor:
         if product.attributes:
             lines.append("Attributes: " + "; ".join(f"{k}: {v}" for k, v in sorted(product.attributes.items())))
         head = "\n".join(lines)
-        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"][: self.budget.max_text_tokens]
+        head_ids = self.token_ids(head)[: self.budget.max_text_tokens]
         room = self.budget.max_text_tokens - len(head_ids) - 4
         if description and room > 0:
-            desc_ids = self.tokenizer("\nDescription: " + description, add_special_tokens=False)["input_ids"][:room]
+            desc_ids = self.token_ids("\nDescription: " + description)[:room]
             return self.tokenizer.decode(head_ids + desc_ids)
         return self.tokenizer.decode(head_ids)
 
@@ -111,24 +126,19 @@ class Moon3Processor:
         for index, data in enumerate(product.extra_images[: self.budget.max_extra_images]):
             images.append(_decode_image(data, f"extra image {index + 1}"))
         text = self.product_text(product)
-        pixels = self.image_processor(
-            images=images,
-            size={"shortest_edge": self.budget.min_image_pixels, "longest_edge": self.budget.max_image_pixels},
-            return_tensors="pt",
-        )
-        grid = pixels["image_grid_thw"]
+        pixel_values, grid = qwen_vl_pixels(
+            self.image_processor, images, self.budget.min_image_pixels, self.budget.max_image_pixels)
         merge = self.image_processor.merge_size**2
         vision = "".join(
-            "<|vision_start|>" + "<|image_pad|>" * int(thw.prod() // merge) + "<|vision_end|>" for thw in grid
+            "<|vision_start|>" + "<|image_pad|>" * (t * h * w // merge) + "<|vision_end|>" for t, h, w in grid.tolist()
         )
-        ids = self.tokenizer(self.chat_prompt(vision + text), add_special_tokens=False)["input_ids"]
-        return Encoded(ids, pixels["pixel_values"], grid)
+        ids = self.token_ids(self.chat_prompt(vision + text))
+        return Encoded(ids, pixel_values, grid)
 
     def encode_query(self, query: str) -> Encoded:
         """A search query as a text-only prompt in the product prompt's format."""
-        ids = self.tokenizer(f"Query: {query.strip()}", add_special_tokens=False)["input_ids"]
-        text = self.tokenizer.decode(ids[: self.budget.max_text_tokens])
-        return Encoded(self.tokenizer(self.chat_prompt(text), add_special_tokens=False)["input_ids"], None, None)
+        text = self.tokenizer.decode(self.token_ids(f"Query: {query.strip()}")[: self.budget.max_text_tokens])
+        return Encoded(self.token_ids(self.chat_prompt(text)), None, None)
 
     def chat_prompt(self, user: str) -> str:
         """The chat turns up to the opened reasoning; no system turn when the budget's prompt is empty."""

@@ -277,6 +277,59 @@ def test_grouped_vision_attention_matches_per_image_attention(model, products):
     assert torch.allclose(grouped, per_image, atol=1e-5)
 
 
+def test_patch_projection_is_the_convolution_computed_as_one_matrix_product(model, products):
+    from model.patch_projection import PatchProjection
+
+    projection = model.backbone.model.visual.patch_embed.proj
+    assert type(projection) is PatchProjection  # installed by the model, under the convolution's name
+    assert "backbone.model.visual.patch_embed.proj.weight" in dict(model.named_parameters())
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    pixels = processor.collate([processor.encode(p) for p in products])["pixel_values"]
+    embed = model.backbone.model.visual.patch_embed
+    patches = pixels.view(-1, embed.in_channels, embed.temporal_patch_size, embed.patch_size, embed.patch_size)
+    with torch.no_grad():
+        as_linear = projection(patches)
+        as_convolution = torch.nn.functional.conv3d(patches, projection.weight, stride=projection.stride)
+        assert as_linear.shape == as_convolution.shape == (patches.shape[0], embed.embed_dim, 1, 1, 1)
+        assert torch.allclose(as_linear, as_convolution, atol=1e-5)
+        # An input larger than the kernel is a real convolution (several positions): the Conv3d path.
+        wide = torch.randn(2, embed.in_channels, 2 * embed.temporal_patch_size, embed.patch_size, embed.patch_size)
+        assert torch.allclose(projection(wide), torch.nn.functional.conv3d(wide, projection.weight, stride=projection.stride))
+
+
+def test_batched_pixels_equal_the_image_processors_own(model, products):
+    from model.image_pixels import qwen_vl_pixels
+    from model.moon3_processing import _decode_image
+
+    rng = np.random.default_rng(0)
+    images = [_decode_image(p.image_bytes, "photo") for p in products]  # real photos
+    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+               for h, w in ((28, 28), (100, 37), (300, 200), (57, 91))]
+    images.append(Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)))  # grayscale
+    for low, high in ((56 * 56, 28 * 28 * 1280), (84 * 84, 4 * 84 * 84)):
+        size = {"shortest_edge": low, "longest_edge": high}
+        expected = model.image_processor(images=images, size=size, return_tensors="pt")
+        pixels, grid = qwen_vl_pixels(model.image_processor, images, low, high)
+        assert len({tuple(g) for g in grid.tolist()}) > 3  # several sizes in one call, order kept
+        assert torch.equal(grid, expected["image_grid_thw"])
+        assert pixels.dtype == torch.float32 and torch.equal(pixels, expected["pixel_values"])  # bit for bit
+    # A processor configured otherwise is called as it is.
+    plain = type(model.image_processor)(do_normalize=False)
+    pixels, _ = qwen_vl_pixels(plain, images[:2], 56 * 56, 28 * 28 * 1280)
+    size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+    assert torch.equal(pixels, plain(images=images[:2], size=size, return_tensors="pt")["pixel_values"])
+
+
+def test_prompt_tokens_are_memoised_and_equal_the_tokenizers(model):
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    text = processor.chat_prompt("Title: red dress")
+    expected = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    first = processor.token_ids(text)
+    assert first == expected and text in processor._token_cache
+    first.append(0)  # each caller gets its own list: the memo cannot be changed through it
+    assert processor.token_ids(text) == expected
+
+
 def test_qwen2_5_vl_backbone_with_fire_in_image_order(products):
     net = build_model(Moon3Config(backbone="tiny-qwen2.5"))
     assert type(net.backbone).__name__ == "Qwen2_5_VLForConditionalGeneration"

@@ -116,6 +116,28 @@ def test_schedule_warms_up_with_sft_then_runs_the_joint_objective():
         load_config("moon3", {"use_firee": False})
 
 
+def test_learning_rate_anneals_over_the_time_budget_when_it_runs_out_first():
+    from training.engine import TrainingClock, lr_lambda
+    from training.run_config import RunConfig
+
+    run = RunConfig(max_steps=1000, warmup_steps=10, min_lr_ratio=0.1, time_budget_s=100.0, anneal_by="time")
+    clock = TrainingClock()
+    factor = lr_lambda(run, clock)
+    assert factor(4) == pytest.approx(0.5)  # the warm-up counts steps either way
+    clock.set(50.0)  # half the budget gone at step 110: the time decides (steps alone say 10%)
+    assert factor(110) == pytest.approx(0.1 + 0.9 * 0.5)
+    clock.set(100.0)
+    assert factor(110) == pytest.approx(0.1)  # budget spent: fully annealed
+    clock.set(1.0)  # the steps run out first: they decide
+    assert factor(1000) == pytest.approx(0.1)
+    by_steps = lr_lambda(RunConfig(max_steps=1000, warmup_steps=10, min_lr_ratio=0.1, time_budget_s=100.0))
+    assert by_steps(110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 100 / 990)))
+    with pytest.raises(ValueError, match="set time_budget_s"):
+        RunConfig(anneal_by="time")
+    with pytest.raises(ValueError, match="anneal_by"):
+        RunConfig(anneal_by="epochs", time_budget_s=10)
+
+
 def test_image_augmentation_mirrors_and_shifts_deterministically():
     import io
 
@@ -169,9 +191,21 @@ def test_resume_continues_the_step_count(settings, trained):
     assert again["steps_this_call"] == 0 and again["stopped_by"] == "already_complete"
 
 
+def test_an_input_worker_feeds_the_same_batches_as_the_training_process(settings, trained):
+    with_worker = train("moon3", _config("input-worker", run={"input_workers": 1}), settings=settings)
+    assert with_worker["steps"] == 2
+    lines = [[json.loads(line) for line in open(f"{run['run_dir']}/metrics.jsonl")][:2]
+             for run in (trained, with_worker)]
+    for inline, worker in zip(*lines):  # GRPO samples included: the loader draws nothing from torch's RNG
+        for term in ("sft_loss", "product_nce", "query_nce", "grpo_loss", "reward"):
+            assert worker[term] == pytest.approx(inline[term], rel=1e-5, abs=1e-6), term
+
+
 @pytest.mark.slow
 def test_two_ranks_on_cpu_with_gloo(settings):
-    summary = train("moon3", _config("two-ranks", run={"max_steps": 1, "threads": 1}), nproc=2, settings=settings,
+    # A time-annealed schedule: the ranks share one clock (the slowest rank's, all-reduced each step).
+    run = {"max_steps": 1, "threads": 1, "time_budget_s": 600, "anneal_by": "time"}
+    summary = train("moon3", _config("two-ranks", run=run), nproc=2, settings=settings,
                     timeout_s=600)
     assert summary["world_size"] == 2 and summary["steps"] == 1 and summary["samples"] == 12
     assert math.isfinite(summary["last_metrics"]["loss"])

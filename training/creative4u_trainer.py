@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from moonpipe.settings import Settings
 from training import engine as ds
 from training.losses import group_advantages, grpo_loss
 from training.run_config import RunConfig, register_config
+from training.step_inputs import step_inputs
 
 LOG = logging.getLogger("moonpipe.training.creative4u")
 
@@ -195,7 +195,8 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
     model = load_checkpoint(config.init_from) if config.init_from else build_model(Creative4UConfig(backbone=config.backbone, seed=run.seed))
     parent = model.version if config.init_from else None
     model.train()
-    engine = ds.initialize(Creative4UObjective(model, config), run)
+    clock = ds.TrainingClock(device)  # drives the time budget and a time-annealed schedule
+    engine = ds.initialize(Creative4UObjective(model, config), run, clock)
     state = (ds.load_resumable(engine, run_dir) if run.resume else None) or ds.ResumeState()
     resumed_from = state.step
     objective: Creative4UObjective = engine.module
@@ -210,14 +211,12 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
         load_reference()
     history: list[dict[str, Any]] = []
     stopped_by = "max_steps"
-    clock = time.perf_counter()
+    clock.set(state.train_seconds)
     tokenizer = model.tokenizer
-    while state.step < run.max_steps:
-        if state.step == config.sft_steps and config.grpo_weight > 0 and not objective._reference:
-            _save(engine, reference_dir, parent)
-            load_reference()
-        rng = np.random.default_rng([run.seed, state.step, rank])
-        in_sft = state.step < config.sft_steps
+
+    def build_step(step: int) -> dict[str, Any]:
+        rng = np.random.default_rng([run.seed, step, rank])
+        in_sft = step < config.sft_steps
         inputs: dict[str, Any] = {"sft": None, "grpo": None, "sft_weight": 1.0 if in_sft else config.sft_weight_during_grpo}
         if in_sft or config.sft_weight_during_grpo > 0 or config.grpo_weight == 0:
             picks = rng.choice(len(train_set), size=min(run.micro_batch, len(train_set)), replace=False)
@@ -225,13 +224,21 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
             encoded = [model.encode(e.comparison) for e in chosen]
             targets = [tokenizer(e.target, add_special_tokens=False)["input_ids"][-config.max_target_tokens:]
                        + [tokenizer.eos_token_id] for e in chosen]
-            inputs["sft"] = {k: v.to(device) for k, v in sequence_batch(model, encoded, targets).items()}
+            inputs["sft"] = sequence_batch(model, encoded, targets)
             inputs["sft_weight"] = max(inputs["sft_weight"], 1.0 if config.grpo_weight == 0 else 0.0)
         if not in_sft and config.grpo_weight > 0:
             picks = rng.choice(len(train_set), size=min(config.grpo_pairs, len(train_set)), replace=False)
             chosen = [train_set[int(i)] for i in picks for _ in range(config.grpo_group_size)]
             inputs["grpo"] = [model.encode(e.comparison) for e in chosen]
             inputs["labels"] = [e.label for e in chosen]
+        return inputs
+
+    steps = step_inputs(build_step, state.step, run.max_steps, run.input_workers, device)
+    while state.step < run.max_steps:
+        if state.step == config.sft_steps and config.grpo_weight > 0 and not objective._reference:
+            _save(engine, reference_dir, parent)
+            load_reference()
+        inputs = next(steps)
         loss, metrics = engine(inputs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Creative4U loss is {float(loss)} at step {state.step} ({metrics})")
@@ -239,7 +246,7 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
         engine.step()
         state.step += 1
         state.samples += (run.micro_batch if inputs["sft"] is not None else 0) * world
-        elapsed = state.train_seconds + time.perf_counter() - clock
+        elapsed = clock.tick()
         record = {"step": state.step, "seconds": round(elapsed, 2), "lr": engine.get_lr()[0], **metrics}
         history.append(record)
         if rank == 0:
@@ -250,8 +257,9 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
         budget_hit = run.time_budget_s is not None and elapsed >= run.time_budget_s
         stopped_by = "time_budget" if budget_hit else stopped_by
         if (run.checkpoint_every and state.step % run.checkpoint_every == 0) or budget_hit or state.step == run.max_steps:
-            state.train_seconds, clock = elapsed, time.perf_counter()
+            state.train_seconds = elapsed
             ds.save_resumable(engine, run_dir, state, run.keep_checkpoints)
+            clock.set(elapsed)  # writing the checkpoint is not training time
         if budget_hit:
             break
     version = _save(engine, run_dir / "model", parent)

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,20 +102,55 @@ def deepspeed_config(run: RunConfig) -> dict[str, Any]:
     return config
 
 
-def lr_lambda(run: RunConfig):
-    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+class TrainingClock:
+    """The seconds a run has trained, carried over resumes and the same on every rank.
+
+    Ranks read the slowest rank's time (one all-reduce a step), so that the time budget stops them
+    all after the same step and a schedule annealed over the budget gives them the same learning
+    rate. Time spent writing checkpoints is left out by the trainers (``set`` after a save)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.seconds = 0.0
+        self._before, self._started = 0.0, time.perf_counter()
+
+    def set(self, seconds: float) -> None:
+        """Count on from ``seconds`` (a resumed run's, or after a pause)."""
+        self.seconds, self._before, self._started = seconds, seconds, time.perf_counter()
+
+    def tick(self) -> float:
+        """Read the clock (all ranks call it together, once a step)."""
+        local = self._before + time.perf_counter() - self._started
+        if world_size() > 1:
+            slowest = torch.tensor([local], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            local = float(slowest)
+        self.seconds = local
+        return local
+
+
+def lr_lambda(run: RunConfig, clock: TrainingClock | None = None):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over ``max_steps``, or, with
+    ``anneal_by="time"``, over the time budget when that runs out first (``clock``'s seconds):
+    a run cut by its budget still ends annealed, whatever the machine's speed."""
+    if run.anneal_by == "time" and clock is None:
+        raise ValueError("anneal_by='time' needs the run's TrainingClock")
 
     def factor(step: int) -> float:
         if step < run.warmup_steps:
             return (step + 1) / run.warmup_steps
-        progress = min(1.0, (step - run.warmup_steps) / max(1, run.max_steps - run.warmup_steps))
+        progress = (step - run.warmup_steps) / max(1, run.max_steps - run.warmup_steps)
+        if run.anneal_by == "time":
+            progress = max(progress, clock.seconds / run.time_budget_s)
+        progress = min(1.0, progress)
         return run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
-def initialize(module: torch.nn.Module, run: RunConfig) -> Any:
-    """A DeepSpeed engine over ``module``'s trainable parameters (AdamW, warm-up + cosine)."""
+def initialize(module: torch.nn.Module, run: RunConfig, clock: TrainingClock | None = None) -> Any:
+    """A DeepSpeed engine over ``module``'s trainable parameters (AdamW, warm-up + cosine; the
+    run's ``clock`` drives a schedule annealed over the time budget)."""
     import deepspeed
 
     init_distributed()
@@ -126,7 +162,7 @@ def initialize(module: torch.nn.Module, run: RunConfig) -> Any:
         lr=run.learning_rate,
         betas=(0.9, 0.98),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run, clock))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run)
     )

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from training import engine as ds
 from training.losses import group_advantages, grpo_loss, info_nce
 from training.moon3_data import Example, TrainingSet, load_training_set
 from training.run_config import RunConfig, register_config
+from training.step_inputs import step_inputs
 
 LOG = logging.getLogger("moonpipe.training.moon3")
 
@@ -294,8 +294,8 @@ def sft_completion(tokenizer: Any, target: str, budget: int, think_end_id: int) 
 
 
 def build_inputs(
-    examples: list[Example], processor: Moon3Processor, config: Moon3TrainConfig, weights: dict[str, float],
-    rng: np.random.Generator, device: torch.device, think_end_id: int,
+    examples: list[Example], model: Moon3Model, processor: Moon3Processor, config: Moon3TrainConfig,
+    weights: dict[str, float], rng: np.random.Generator, device: torch.device,
 ) -> dict[str, Any]:
     show_text = rng.random(2 * len(examples)) >= config.text_dropout
     augment = rng if config.augment_images else None
@@ -304,14 +304,18 @@ def build_inputs(
     encoded = [processor.encode(v) for v in views]
     inputs: dict[str, Any] = {"weights": weights}
     if weights["query_nce"] > 0 or weights["product_nce"] > 0 or weights["grpo"] > 0:
-        inputs["products"] = processor.collate(encoded, device)
+        products = processor.collate(encoded)
+        # transformers derives these row by row in Python: done here, they are off the step's path.
+        products["position_ids"] = model.rope_positions(
+            products["input_ids"], products["attention_mask"], products.get("image_grid_thw"))
+        inputs["products"] = {key: value.to(device) for key, value in products.items() if value is not None}
         inputs["groups"] = torch.tensor([e.category_id for e in examples], device=device)
     if weights["query_nce"] > 0:
         inputs["queries"] = processor.collate([processor.encode_query(e.query) for e in examples], device)
     if weights["sft"] > 0:
         inputs["sft_batch"] = processor.collate(encoded[: len(examples)], device)
         inputs["sft_targets"] = [sft_completion(processor.tokenizer, e.product.reasoning_target,
-                                                config.max_reasoning_tokens, think_end_id) for e in examples]
+                                                config.max_reasoning_tokens, model.think_end_id) for e in examples]
     if weights["grpo"] > 0:
         owners = [i for i in range(min(config.grpo_products, len(examples))) for _ in range(config.grpo_group_size)]
         inputs["grpo_batch"] = processor.collate([encoded[i] for i in owners], device)
@@ -351,7 +355,8 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
     model = _build_model(config).train()
     parent = getattr(model, "version", None)
     objective = Moon3Objective(model, config)
-    engine = ds.initialize(objective, run)
+    clock = ds.TrainingClock(device)  # drives the time budget and a time-annealed schedule
+    engine = ds.initialize(objective, run, clock)
     state = (ds.load_resumable(engine, run_dir) if run.resume else None) or ds.ResumeState()
     resumed_from = state.step
     module: Moon3Objective = engine.module
@@ -368,15 +373,20 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict[str, Any]] = []
     stopped_by = "max_steps"
-    clock = time.perf_counter()
+    clock.set(state.train_seconds)
+
+    def build_step(step: int) -> tuple[int, dict[str, Any]]:
+        examples = data.batch(run.seed, step, rank, run.micro_batch)
+        rng = np.random.default_rng([run.seed, step, rank, 1])
+        cpu = torch.device("cpu")
+        return len(examples), build_inputs(examples, model, processor, config, plan_step(config, step), rng, cpu)
+
+    steps = step_inputs(build_step, state.step, run.max_steps, run.input_workers, device)
     while state.step < run.max_steps:
         if state.step == config.sft_warmup_steps and config.grpo_weight > 0 and not module._reference:
             _save_model(engine, reference_dir, parent)  # the reference: the model after its warm-up
             load_reference()
-        weights = plan_step(config, state.step)
-        rng = np.random.default_rng([run.seed, state.step, rank, 1])
-        examples = data.batch(run.seed, state.step, rank, run.micro_batch)
-        inputs = build_inputs(examples, processor, config, weights, rng, device, model.think_end_id)
+        batch_size, inputs = next(steps)
         loss, metrics = engine(inputs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"MOON3.0 loss is {float(loss)} at step {state.step}: lower the learning "
@@ -384,8 +394,8 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
         engine.backward(loss)
         engine.step()
         state.step += 1
-        state.samples += len(examples) * world
-        elapsed = state.train_seconds + time.perf_counter() - clock
+        state.samples += batch_size * world
+        elapsed = clock.tick()
         record = {"step": state.step, "seconds": round(elapsed, 2), "lr": engine.get_lr()[0], **metrics}
         history.append(record)
         if rank == 0:
@@ -398,8 +408,9 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
         if budget_hit:
             stopped_by = "time_budget"
         if run.checkpoint_every and state.step % run.checkpoint_every == 0 or budget_hit or state.step == run.max_steps:
-            state.train_seconds, clock = elapsed, time.perf_counter()
+            state.train_seconds = elapsed
             ds.save_resumable(engine, run_dir, state, run.keep_checkpoints)
+            clock.set(elapsed)  # writing the checkpoint is not training time
         if budget_hit:
             break
     model_dir = run_dir / "model"

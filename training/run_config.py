@@ -14,6 +14,7 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ZERO_CONFIGS = {"zero2": CONFIG_DIR / "zero2.json", "zero3": CONFIG_DIR / "zero3.json"}
 PRECISIONS = ("auto", "fp32", "bf16")
+ANNEAL_BY = ("steps", "time")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class RunConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay down to this fraction of the learning rate
+    # The cosine decays over max_steps ("steps"), or over time_budget_s when that ends first
+    # ("time": a budget-bound run ends annealed on a slow machine too, at the cost of a
+    # learning-rate curve that depends on the machine's speed).
+    anneal_by: str = "steps"
     # "zero2" (default) or "zero3" (large backbones: parameters sharded too), or a JSON file path.
     zero: str = "zero2"
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (CPU bf16 is slower than fp32 here)
@@ -35,6 +40,9 @@ class RunConfig:
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
     seed: int = 0
     threads: int | None = None  # torch CPU threads per rank (None: torch's default)
+    # Processes per rank that build the next steps' inputs while a step trains (0: built in the
+    # training process); see training/step_inputs.py.
+    input_workers: int = 0
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -52,6 +60,12 @@ class RunConfig:
             raise ValueError("time_budget_s must be > 0 when given")
         if self.keep_checkpoints < 1 or self.checkpoint_every < 0:
             raise ValueError("keep_checkpoints must be >= 1 and checkpoint_every >= 0")
+        if self.anneal_by not in ANNEAL_BY:
+            raise ValueError(f"anneal_by={self.anneal_by!r}: use one of {ANNEAL_BY}")
+        if self.anneal_by == "time" and self.time_budget_s is None:
+            raise ValueError("anneal_by='time' anneals over the time budget: set time_budget_s too")
+        if self.input_workers < 0:
+            raise ValueError(f"input_workers={self.input_workers} must be >= 0 (0: no worker processes)")
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:

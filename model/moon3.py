@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -224,6 +225,22 @@ class Moon3Model(nn.Module):
                 features = features[:, order]
         return vision, features
 
+    def leading_images(
+        self, encoded: tuple[Any, Any], image_grid_thw: torch.Tensor, input_ids: torch.Tensor, rows: int
+    ) -> tuple[tuple[Any, Any], torch.Tensor]:
+        """``encode_images``' outputs (and the grid) of the images in a batch's first ``rows`` rows,
+        for a second pass over those rows that then needs no vision pass of its own (a batch's
+        images come in row order)."""
+        vision, features = encoded
+        tokens = int((input_ids[:rows] == self.image_token_id).sum())
+        merge = self.backbone.model.visual.spatial_merge_size ** 2
+        ends = (image_grid_thw.prod(-1) // merge).cumsum(0).tolist()
+        count = sum(end <= tokens for end in ends)
+        if tokens and ends[count - 1] != tokens:
+            raise ValueError(f"the first {rows} rows hold {tokens} image tokens, not a whole number of images")
+        shared = type(vision)(pooler_output=vision.pooler_output[:count])
+        return (shared, None if features is None else features[:, :tokens]), image_grid_thw[:count]
+
     def _merged_token_order(self, image_grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Qwen2.5-VL runs its vision blocks in window order and restores the image order only
         after the merger; FIRE's features, taken inside, need the same restoring permutation."""
@@ -251,9 +268,26 @@ class Moon3Model(nn.Module):
         if image_grid_thw is None:
             return None  # text only: the model's own 1D positions are right
         token_types = (input_ids == self.image_token_id).int()
-        positions, _ = self.backbone.model.get_rope_index(
-            input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
-        )
+        # A row's positions depend only on its layout (padding, token types) and its images' grids,
+        # and catalog batches repeat layouts (one photo size, similar prompts): each distinct row is
+        # computed once, by transformers, and copied to the rows that share it.
+        types, mask = token_types.cpu().numpy(), attention_mask.cpu().numpy()
+        image_starts = (types == 1) & (np.pad(types, ((0, 0), (1, 0)))[:, :-1] == 0) & (mask == 1)
+        ends = np.cumsum(image_starts.sum(axis=1))
+        grids = image_grid_thw.cpu().numpy()
+        rows_by_layout: dict[bytes, list[int]] = {}
+        for row in range(types.shape[0]):
+            first = ends[row - 1] if row else 0
+            key = types[row].tobytes() + mask[row].tobytes() + grids[first:ends[row]].tobytes()
+            rows_by_layout.setdefault(key, []).append(row)
+        positions = torch.zeros((3, *input_ids.shape), dtype=input_ids.dtype, device=input_ids.device)
+        for rows in rows_by_layout.values():
+            row, first = rows[0], (ends[rows[0] - 1] if rows[0] else 0)
+            computed, _ = self.backbone.model.get_rope_index(
+                input_ids[row:row + 1], mm_token_type_ids=token_types[row:row + 1],
+                image_grid_thw=image_grid_thw[first:ends[row]], attention_mask=attention_mask[row:row + 1],
+            )
+            positions[:, rows] = computed
         return positions
 
     def _image_inputs(self, input_ids, vision, image_grid_thw, rope=None) -> dict[str, Any]:
@@ -297,12 +331,17 @@ class Moon3Model(nn.Module):
         dim: int | None = None,
         image_positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        encoded_images: tuple[Any, Any] | None = None,
     ) -> Moon3Output:
         """Embed a batch. ``input_ids`` are left-padded prompts ending in ``<think>``;
         ``image_positions`` [N, 2] (row, column) of their image tokens and ``position_ids`` (from
-        ``rope_positions``) may come precomputed; both are derived here otherwise."""
+        ``rope_positions``) may come precomputed; both are derived here otherwise, and so are
+        ``encoded_images`` (``encode_images(pixel_values, image_grid_thw)``, which a trainer
+        shares with another objective's pass over the same images)."""
         reasoning = self.config.reasoning if reasoning is None else reasoning
-        vision, features = self.encode_images(pixel_values, image_grid_thw)
+        if encoded_images is None:
+            encoded_images = self.encode_images(pixel_values, image_grid_thw)
+        vision, features = encoded_images
         texts: list[str | None] = [None] * input_ids.shape[0]
         if reasoning:
             full_ids, full_mask, texts = self._reason(

@@ -357,3 +357,13 @@ def test_image_tokens_get_3d_rotary_positions(model, products):
     assert torch.equal(rope[0, 0, image], rope[0, 0, image][:1].expand(int(image.sum())))  # one frame: one time
     with torch.inference_mode():  # precomputed (CPU) positions give what the model derives itself
         assert torch.equal(model(**batch, position_ids=rope).embeddings, model(**batch).embeddings)
+    # Rows sharing a layout are computed once: the same positions as transformers' row-by-row loop,
+    # with repeated rows, other lengths and a product with two images in one batch.
+    two_images = ProductInput("Two photos", products[0].image_bytes, extra_images=(products[2].image_bytes,))
+    mixed = processor.collate([processor.encode(p) for p in [*products, products[1], products[1], two_images, products[0]]])
+    types = (mixed["input_ids"] == model.image_token_id).int()
+    expected, _ = model.backbone.model.get_rope_index(mixed["input_ids"], mm_token_type_ids=types,
+                                                      image_grid_thw=mixed["image_grid_thw"],
+                                                      attention_mask=mixed["attention_mask"])
+    assert torch.equal(model.rope_positions(mixed["input_ids"], mixed["attention_mask"], mixed["image_grid_thw"]),
+                       expected)

@@ -138,6 +138,42 @@ def test_learning_rate_anneals_over_the_time_budget_when_it_runs_out_first():
         RunConfig(anneal_by="epochs", time_budget_s=10)
 
 
+def test_the_sft_term_reuses_the_embedding_pass_vision_outputs(settings):
+    """One vision pass serves the embeddings and the SFT rows (the anchors): the same log-probs,
+    and gradients, as a separate pass over the anchors' own batch."""
+    import numpy as np
+
+    from model.moon3_processing import Moon3Processor
+    from training.moon3_data import load_training_set
+    from training.moon3_trainer import build_inputs, completion_logprobs
+
+    config = load_config("moon3", {"text_dropout": 0.5, "max_reasoning_tokens": 6})
+    model = build_model(config.model_config())
+    processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
+    examples = load_training_set(settings).batch(0, 0, 0, 4)
+    weights = {"sft": 1.0, "query_nce": 1.0, "product_nce": 1.0, "grpo": 0.0}
+    inputs = build_inputs(examples, model, processor, config, weights, np.random.default_rng(0), torch.device("cpu"))
+    assert "sft_batch" not in inputs  # the SFT rows are the products' first rows
+    batch = inputs["products"]
+    anchors = processor.collate([processor.encode(e.product.view(False)) for e in examples])
+    shared, grid = model.leading_images(model.encode_images(batch["pixel_values"], batch["image_grid_thw"]),
+                                        batch["image_grid_thw"], batch["input_ids"], len(examples))
+    assert torch.equal(grid, batch["image_grid_thw"][: len(examples)])
+    rows = {"input_ids": batch["input_ids"][:4], "attention_mask": batch["attention_mask"][:4], "image_grid_thw": grid}
+    targets = inputs["sft_targets"]
+    reused, reused_mask = completion_logprobs(model, rows, targets, shared)
+    own_inputs = build_inputs(examples, model, processor, config, {**weights, "query_nce": 0.0, "product_nce": 0.0},
+                              np.random.default_rng(0), torch.device("cpu"))
+    separate, separate_mask = completion_logprobs(model, own_inputs["sft_batch"], targets)
+    assert torch.equal(reused_mask, separate_mask) and reused_mask.sum() > 0
+    assert torch.allclose(reused, separate, atol=1e-5)
+    # Gradients reach the vision tower through the shared pass.
+    vision_weight = model.backbone.model.visual.patch_embed.proj.weight
+    (-(reused * reused_mask).sum()).backward()
+    assert vision_weight.grad is not None and vision_weight.grad.abs().sum() > 0
+    assert anchors["pixel_values"].shape[0] == int(grid.prod(-1).sum())  # the anchors' own patches, no more
+
+
 def test_image_augmentation_mirrors_and_shifts_deterministically():
     import io
 

@@ -124,17 +124,25 @@ def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[to
 
 
 def completion_logprobs(
-    model: Moon3Model, batch: dict[str, torch.Tensor], completions: list[list[int]]
+    model: Moon3Model, batch: dict[str, torch.Tensor], completions: list[list[int]],
+    encoded_images: tuple[Any, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities [N, K] of each row's completion after its prompt, and the mask."""
+    """Per-token log-probabilities [N, K] of each row's completion after its prompt, and the mask.
+    ``encoded_images``: the vision outputs of the batch's images when another pass computed them
+    (``batch`` then needs no pixels, but its ``image_grid_thw``)."""
     pad = model.tokenizer.pad_token_id
     rows = [p + c for p, c in zip(_unpadded_prompts(batch), completions)]
-    ids, mask = _left_pad(rows, pad, batch["input_ids"].device)
-    vision, features = model.encode_images(batch.get("pixel_values"), batch.get("image_grid_thw"))
+    device = batch["input_ids"].device
+    ids, mask = _left_pad(rows, pad, torch.device("cpu"))
     grid = batch.get("image_grid_thw")
+    rope = model.rope_positions(ids, mask, grid.cpu()) if grid is not None else None  # on the CPU: see there
+    ids, mask, rope = ids.to(device), mask.to(device), rope.to(device) if rope is not None else None
+    if encoded_images is None:
+        encoded_images = model.encode_images(batch.get("pixel_values"), grid)
+    vision, features = encoded_images
     with model._injecting(ids, features):  # FIRE residuals apply while the reasoning is read too
         states = model.backbone.model(input_ids=ids, attention_mask=mask, use_cache=False,
-                                      **model._image_inputs(ids, vision, grid)).last_hidden_state
+                                      **model._image_inputs(ids, vision, grid, rope)).last_hidden_state
     longest = max(len(c) for c in completions)
     logits = model.backbone.lm_head(states[:, -longest - 1:-1]).float()
     targets = ids[:, -longest:]
@@ -196,14 +204,18 @@ class Moon3Objective(nn.Module):
         model = self.model
         zero = self.logit_scale.sum() * 0.0  # keeps the graph whole when a term is off
         loss, metrics = zero, {}
-        if weights["sft"] > 0:
-            logprobs, mask = completion_logprobs(model, inputs["sft_batch"], inputs["sft_targets"])
-            sft = -(logprobs * mask).sum() / mask.sum()
-            loss = loss + weights["sft"] * sft
-            metrics["sft_loss"] = float(sft.detach())
         products = groups = None
+        sft_rows, sft_images = inputs.get("sft_batch"), None
         if weights["query_nce"] > 0 or weights["product_nce"] > 0 or weights["grpo"] > 0:
-            products = model(**inputs["products"]).embeddings
+            batch = inputs["products"]
+            encoded = model.encode_images(batch.get("pixel_values"), batch.get("image_grid_thw"))
+            products = model(**batch, encoded_images=encoded).embeddings
+            if weights["sft"] > 0 and sft_rows is None:
+                # The SFT rows are the anchors, the batch's first rows: one vision pass serves both terms.
+                count = len(inputs["sft_targets"])
+                sft_images, grid = model.leading_images(encoded, batch["image_grid_thw"], batch["input_ids"], count)
+                sft_rows = {"input_ids": batch["input_ids"][:count], "attention_mask": batch["attention_mask"][:count],
+                            "image_grid_thw": grid}
             groups = inputs["groups"]
             half = products.shape[0] // 2
             anchors, positives = products[:half], products[half:]
@@ -218,6 +230,11 @@ class Moon3Objective(nn.Module):
                 loss = loss + weights["query_nce"] * qp
                 metrics["query_nce"] = float(qp.detach())
             metrics["temperature"] = float(1.0 / self.logit_scale.detach().exp().clamp(max=100.0))
+        if weights["sft"] > 0:
+            logprobs, mask = completion_logprobs(model, sft_rows, inputs["sft_targets"], sft_images)
+            sft = -(logprobs * mask).sum() / mask.sum()
+            loss = loss + weights["sft"] * sft
+            metrics["sft_loss"] = float(sft.detach())
         if weights["grpo"] > 0:
             rl, rl_metrics = self._grpo(inputs, products.detach(), groups)
             loss = loss + weights["grpo"] * rl
@@ -313,7 +330,8 @@ def build_inputs(
     if weights["query_nce"] > 0:
         inputs["queries"] = processor.collate([processor.encode_query(e.query) for e in examples], device)
     if weights["sft"] > 0:
-        inputs["sft_batch"] = processor.collate(encoded[: len(examples)], device)
+        if "products" not in inputs:  # with products, the SFT rows are their first rows (the anchors)
+            inputs["sft_batch"] = processor.collate(encoded[: len(examples)], device)
         inputs["sft_targets"] = [sft_completion(processor.tokenizer, e.product.reasoning_target,
                                                 config.max_reasoning_tokens, model.think_end_id) for e in examples]
     if weights["grpo"] > 0:

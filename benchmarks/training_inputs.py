@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from model.image_pixels import qwen_vl_pixels
 from model.moon3_processing import Moon3Processor, _decode_image
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from moonpipe.settings import Settings
     from training.launch import load_config
     from training.moon3_data import load_training_set
-    from training.moon3_trainer import _build_model
+    from model.moon3_checkpoint import build_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="training/configs/moon3_fashion_quality.json")
@@ -49,15 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     config = load_config("moon3", args.config)
-    model = _build_model(config)
+    model = build_model(config.model_config())
     processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
     examples = load_training_set(Settings.from_env(), config.export_date).batch(config.run.seed, 0, 0, args.batch)
     views = [e.product.view(False) for e in examples] + [e.positive.view(False) for e in examples]
     budget = processor.budget
     size = {"shortest_edge": budget.min_image_pixels, "longest_edge": budget.max_image_pixels}
     images = [_decode_image(v.image_bytes, "photo") for v in views]
-
-    from model.image_pixels import qwen_vl_pixels
 
     rows = []
     hf_ms, hf_pixels = _best_ms(lambda: [model.image_processor(images=[i], size=size, return_tensors="pt")
@@ -66,11 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                                                            budget.max_image_pixels)[0] for i in images], args.repeats)
     rows.append(("pixels", hf_ms, ours_ms, all(torch.equal(a, b) for a, b in zip(hf_pixels, our_pixels))))
 
-    grids = torch.cat([qwen_vl_pixels(model.image_processor, [i], budget.min_image_pixels,
-                                      budget.max_image_pixels)[1] for i in images])
-    merge = model.image_processor.merge_size ** 2
-    prompts = [processor.chat_prompt("<|vision_start|>" + "<|image_pad|>" * (t * h * w // merge) + "<|vision_end|>"
-                                     + processor.product_text(v)) for v, (t, h, w) in zip(views, grids.tolist())]
+    grids = [qwen_vl_pixels(model.image_processor, [i], budget.min_image_pixels, budget.max_image_pixels)[1]
+             for i in images]
+    prompts = [processor.product_prompt(v, grid) for v, grid in zip(views, grids)]
     hf_ms, hf_ids = _best_ms(lambda: [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
                              args.repeats)
     ours_ms, our_ids = _best_ms(lambda: [processor.token_ids(p) for p in prompts], args.repeats)

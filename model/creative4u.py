@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from model.creative4u_config import Creative4UConfig
-from model.image_pixels import qwen_vl_pixels
 from model.creative4u_protocol import (
     ANSWER_END,
     ANSWER_START,
@@ -37,6 +36,7 @@ from model.creative4u_protocol import (
     build_prompt,
     parse_output,
 )
+from model.image_pixels import qwen_vl_pixels
 
 LOG = logging.getLogger("moonpipe.model.creative4u")
 _MAX_IMAGE_SIDE = 8192  # a creative larger than this is not an ad image; refuse before resizing

@@ -274,18 +274,18 @@ class Moon3Model(nn.Module):
         types, mask = token_types.cpu().numpy(), attention_mask.cpu().numpy()
         image_starts = (types == 1) & (np.pad(types, ((0, 0), (1, 0)))[:, :-1] == 0) & (mask == 1)
         ends = np.cumsum(image_starts.sum(axis=1))
+        starts = ends - image_starts.sum(axis=1)  # each row's images: image_grid_thw[starts[row]:ends[row]]
         grids = image_grid_thw.cpu().numpy()
         rows_by_layout: dict[bytes, list[int]] = {}
         for row in range(types.shape[0]):
-            first = ends[row - 1] if row else 0
-            key = types[row].tobytes() + mask[row].tobytes() + grids[first:ends[row]].tobytes()
+            key = types[row].tobytes() + mask[row].tobytes() + grids[starts[row]:ends[row]].tobytes()
             rows_by_layout.setdefault(key, []).append(row)
         positions = torch.zeros((3, *input_ids.shape), dtype=input_ids.dtype, device=input_ids.device)
         for rows in rows_by_layout.values():
-            row, first = rows[0], (ends[rows[0] - 1] if rows[0] else 0)
+            row = rows[0]
             computed, _ = self.backbone.model.get_rope_index(
                 input_ids[row:row + 1], mm_token_type_ids=token_types[row:row + 1],
-                image_grid_thw=image_grid_thw[first:ends[row]], attention_mask=attention_mask[row:row + 1],
+                image_grid_thw=image_grid_thw[starts[row]:ends[row]], attention_mask=attention_mask[row:row + 1],
             )
             positions[:, rows] = computed
         return positions

@@ -125,15 +125,18 @@ class Moon3Processor:
         images = [_decode_image(product.image_bytes, "main image")]
         for index, data in enumerate(product.extra_images[: self.budget.max_extra_images]):
             images.append(_decode_image(data, f"extra image {index + 1}"))
-        text = self.product_text(product)
         pixel_values, grid = qwen_vl_pixels(
             self.image_processor, images, self.budget.min_image_pixels, self.budget.max_image_pixels)
+        return Encoded(self.token_ids(self.product_prompt(product, grid)), pixel_values, grid)
+
+    def product_prompt(self, product: ProductInput, image_grid_thw: torch.Tensor) -> str:
+        """The product's chat prompt, each image's placeholder expanded to its merged patches."""
         merge = self.image_processor.merge_size**2
         vision = "".join(
-            "<|vision_start|>" + "<|image_pad|>" * (t * h * w // merge) + "<|vision_end|>" for t, h, w in grid.tolist()
+            "<|vision_start|>" + "<|image_pad|>" * (t * h * w // merge) + "<|vision_end|>"
+            for t, h, w in image_grid_thw.tolist()
         )
-        ids = self.token_ids(self.chat_prompt(vision + text))
-        return Encoded(ids, pixel_values, grid)
+        return self.chat_prompt(vision + self.product_text(product))
 
     def encode_query(self, query: str) -> Encoded:
         """A search query as a text-only prompt in the product prompt's format."""

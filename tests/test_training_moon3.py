@@ -258,6 +258,8 @@ def test_evaluation_and_the_gate_refuses_a_worse_model(settings, trained, tmp_pa
         assert 0.0 <= metrics[name] <= 1.0, name
     assert metrics["p2p_recall@1"] <= metrics["p2p_recall@5"] <= metrics["p2p_recall@10"]
     assert metrics["eval_products"] == 40 and metrics["gallery_products"] == 120
+    assert 0.0 <= metrics["train_knn_accuracy"] <= 1.0
+    assert metrics["generalisation_gap"] == pytest.approx(metrics["train_knn_accuracy"] - metrics["knn_accuracy"])
     assert 0.3 < first["reference"]["raw_pixel_knn_accuracy"] <= 1.0
     assert open(first["plots"][0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     decision = promote("moon3", settings=settings)

@@ -5,6 +5,10 @@
 * query->product: the distinct test-split queries of the export against the test products;
   relevant = products whose category the query names (ground truth, not the noisy clicks).
 * kNN category accuracy: majority category of the k nearest gallery products.
+* Its memorisation check: the same kNN accuracy for gallery products the model was trained on
+  (as many as there are held-out products, each against the rest of the gallery, itself left
+  out). Far above the held-out figure, the model has learned its training images rather than
+  their categories: regularise (``augment_images``, ``run.weight_decay``) before adding capacity.
 * The raw-pixel kNN baseline (images resized to 28x28 grayscale, Euclidean) on the same split and
   gallery, so the model's accuracy has a reference measured on the same data.
 """
@@ -119,6 +123,11 @@ def evaluate_checkpoint(checkpoint: str, eval_set: EvalSet, *, k: int = 10, thre
     counts = np.bincount(gallery_labels, minlength=len(eval_set.categories))[held_labels]
     metrics = {f"p2p_{name}": value for name, value in recall_and_map(hits, counts, KS).items()}
     metrics["knn_accuracy"] = knn_accuracy(gallery_labels[indexes[:, :k]], scores[:, :k], held_labels)
+    seen = min(len(held), len(gallery) - 1)
+    if seen > 0:
+        seen_indexes, seen_scores = top_k(gallery[:seen], gallery, k, exclude_self=True)
+        metrics["train_knn_accuracy"] = knn_accuracy(gallery_labels[seen_indexes], seen_scores, gallery_labels[:seen])
+        metrics["generalisation_gap"] = metrics["train_knn_accuracy"] - metrics["knn_accuracy"]
     # Per-category kNN accuracy, for the report's plot.
     predicted_ok = _knn_correct(gallery_labels[indexes[:, :k]], scores[:, :k], held_labels)
     per_category = {c: float(predicted_ok[held_labels == i].mean()) for i, c in enumerate(eval_set.categories)

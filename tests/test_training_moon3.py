@@ -174,6 +174,25 @@ def test_the_sft_term_reuses_the_embedding_pass_vision_outputs(settings):
     assert anchors["pixel_values"].shape[0] == int(grid.prod(-1).sum())  # the anchors' own patches, no more
 
 
+def test_matching_clicks_only_drops_the_clicks_that_contradict_the_catalog(settings):
+    from moonpipe import delta
+    from training.moon3_data import load_training_set
+
+    every = load_training_set(settings)
+    matching = load_training_set(settings, matching_clicks_only=True)
+
+    def names_category(query, product_id):
+        return every.products[product_id].category.lower().replace("/", " ") in query.lower()
+
+    contradicting = [pair for pair in every.query_pairs if not names_category(*pair)]
+    assert contradicting  # the simulated logs carry click noise
+    assert all(names_category(*pair) for pair in matching.query_pairs)
+    assert sorted(matching.query_pairs) == sorted(p for p in every.query_pairs if names_category(*p))
+    table = delta.read_arrow(settings.table_uri("moon3_query_pairs"), columns=["split", "matches_category"])
+    noisy_in_train = [m for s, m in zip(*table.to_pydict().values()) if s == "train" and not m]
+    assert len(contradicting) == len(noisy_in_train)
+
+
 def test_image_augmentation_mirrors_and_shifts_deterministically():
     import io
 
@@ -235,6 +254,53 @@ def test_an_input_worker_feeds_the_same_batches_as_the_training_process(settings
     for inline, worker in zip(*lines):  # GRPO samples included: the loader draws nothing from torch's RNG
         for term in ("sft_loss", "product_nce", "query_nce", "grpo_loss", "reward"):
             assert worker[term] == pytest.approx(inline[term], rel=1e-5, abs=1e-6), term
+
+
+def test_weight_average_follows_its_decay_and_restores_the_online_weights():
+    from training.weight_average import WeightAverage
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    layer.register_parameter("frozen", frozen)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average = WeightAverage(layer, decay=0.5)
+    assert average.names == ["weight"]  # frozen parameters are not averaged
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    average.update()  # ramp: decay min(0.5, 1/10) = 0.1 -> 0.1 x 1 + 0.9 x 3
+    assert torch.allclose(average.shadow[0], torch.full((1, 2), 2.8))
+    with torch.no_grad():
+        layer.weight.fill_(5.0)
+    average.update()  # decay min(0.5, 2/11)
+    expected = 2 / 11 * 2.8 + 9 / 11 * 5.0
+    assert torch.allclose(average.shadow[0], torch.full((1, 2), expected))
+    with average.applied():
+        assert torch.allclose(layer.weight, torch.full((1, 2), expected))
+    assert torch.equal(layer.weight, torch.full((1, 2), 5.0))
+    restored = WeightAverage(layer, decay=0.5)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 2 and torch.equal(restored.shadow[0], average.shadow[0])
+    with pytest.raises(ValueError, match="must lie in"):
+        load_config("moon3", {"ema_decay": 1.0})
+
+
+def test_the_weight_average_is_the_model_and_survives_a_resume(settings):
+    def weights(path):
+        return dict(load_checkpoint(path).named_parameters())
+
+    first = train("moon3", _config("ema", ema_decay=0.9), settings=settings)
+    average_at_2 = weights(first["checkpoint_dir"])
+    resumed = train("moon3", _config("ema", ema_decay=0.9, run={"max_steps": 3}), settings=settings)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3
+    average_at_3, online_at_3 = weights(resumed["checkpoint_dir"]), weights(resumed["online_checkpoint_dir"])
+    assert not any(torch.equal(average_at_3[name], online_at_3[name]) for name in online_at_3)
+    # The third update continues the checkpointed average (2 updates so far: decay 3/12), rather
+    # than starting one from the resumed weights.
+    decay = 3 / 12
+    for name, online in online_at_3.items():
+        expected = decay * average_at_2[name] + (1 - decay) * online
+        assert torch.allclose(average_at_3[name], expected, atol=1e-6), name
 
 
 @pytest.mark.slow

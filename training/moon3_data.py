@@ -139,14 +139,19 @@ def load_products(settings: Settings, splits: tuple[str, ...], limit: int | None
     }
 
 
-def load_training_set(settings: Settings, export_date: str | None = None, split: str = "train") -> TrainingSet:
+def load_training_set(settings: Settings, export_date: str | None = None, split: str = "train",
+                      matching_clicks_only: bool = False) -> TrainingSet:
+    """``matching_clicks_only``: keep the query pairs whose query names the clicked product's
+    category (``matches_category``), dropping clicks that contradict the catalog."""
     export_date = export_date or latest_export_date(settings)
     day = date.fromisoformat(export_date)
     products = load_products(settings, (split,))
     query_rows = delta.read_arrow(
-        settings.table_uri("moon3_query_pairs"), columns=["query", "product_id", "split"],
+        settings.table_uri("moon3_query_pairs"), columns=["query", "product_id", "matches_category"],
         filters=[("export_date", "=", day), ("split", "=", split)],
     ).to_pylist()
+    if matching_clicks_only:
+        query_rows = [r for r in query_rows if r["matches_category"]]
     pair_rows = delta.read_arrow(
         settings.table_uri("moon3_product_pairs"), columns=["anchor_id", "positive_id"],
         filters=[("export_date", "=", day), ("split", "=", split)],

@@ -43,6 +43,7 @@ from training.losses import group_advantages, grpo_loss, info_nce
 from training.moon3_data import Example, TrainingSet, load_training_set
 from training.run_config import RunConfig, register_config
 from training.step_inputs import step_inputs
+from training.weight_average import WeightAverage
 
 LOG = logging.getLogger("moonpipe.training.moon3")
 
@@ -64,8 +65,14 @@ class Moon3TrainConfig:
     max_reasoning_tokens: int = 16
     system_prompt: str = SYSTEM_PROMPT  # "" for none: see model.moon3_config.SYSTEM_PROMPT
     export_date: str | None = None  # the training-set export to read (default: the latest)
+    # Train on the clicks whose query names the clicked product's category only: a click that
+    # contradicts the catalog (a misclick, click noise) would teach the query the wrong products.
+    matching_clicks_only: bool = False
     text_dropout: float = 0.5  # probability that a product is shown as its image alone
     augment_images: bool = False  # mirror and shift each training view's photo at random
+    # Exponential moving average of the weights (0: off): the run's model/ is the average, its
+    # online-model/ the last step's weights (training/weight_average.py).
+    ema_decay: float = 0.0
     # Objectives (weight 0 = off).
     sft_warmup_steps: int = 20
     sft_weight: float = 0.1  # after the warm-up
@@ -94,6 +101,8 @@ class Moon3TrainConfig:
             raise ValueError("every objective is off: give at least one loss a positive weight")
         if self.grpo_weight > 0 and (self.grpo_group_size < 2 or self.grpo_products < 1 or self.grpo_every < 1):
             raise ValueError("GRPO needs grpo_group_size >= 2, grpo_products >= 1 and grpo_every >= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must lie in [0, 1) (0: no weight average)")
         if not 0 < self.initial_temperature < 1:
             raise ValueError(f"initial_temperature={self.initial_temperature} must lie in (0, 1)")
 
@@ -363,19 +372,32 @@ def _save_model(engine: Any, directory: Path, parent: str | None) -> str | None:
     return version or read_manifest(directory)["model_version"]
 
 
+def _weight_average(engine: Any, decay: float) -> WeightAverage | None:
+    if not decay:
+        return None
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError("ema_decay needs whole parameters on each rank, which ZeRO-3 shards: "
+                         "train with run.zero='zero2', or set ema_decay=0")
+    return WeightAverage(engine.module.model, decay)
+
+
 def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str, Any]:
     """Train on this rank (all ranks call it); returns the run summary (rank 0 writes summary.json)."""
     from model.moon3_checkpoint import load_checkpoint
 
     run = config.run
     device, rank, world = ds.start_rank(run)
-    data: TrainingSet = load_training_set(settings, config.export_date)
+    data: TrainingSet = load_training_set(settings, config.export_date,
+                                          matching_clicks_only=config.matching_clicks_only)
     model = _build_model(config).train()
     parent = getattr(model, "version", None)
     objective = Moon3Objective(model, config)
     clock = ds.TrainingClock(device)  # drives the time budget and a time-annealed schedule
     engine = ds.initialize(objective, run, clock)
     state = (ds.load_resumable(engine, run_dir) if run.resume else None) or ds.ResumeState()
+    average = _weight_average(engine, config.ema_decay)  # from the resumed weights, if any
+    if average is not None and state.extra and "weight_average" in state.extra:
+        average.load_state_dict(state.extra.pop("weight_average"))
     resumed_from = state.step
     module: Moon3Objective = engine.module
     processor = Moon3Processor(model.tokenizer, model.image_processor, model.config.prompt)
@@ -411,6 +433,8 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
                                      f"rate or check the inputs ({metrics})")
         engine.backward(loss)
         engine.step()
+        if average is not None:
+            average.update()
         state.step += 1
         state.samples += batch_size * world
         elapsed = clock.tick()
@@ -427,18 +451,27 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
             stopped_by = "time_budget"
         if run.checkpoint_every and state.step % run.checkpoint_every == 0 or budget_hit or state.step == run.max_steps:
             state.train_seconds = elapsed
+            if average is not None:
+                state.extra = {"weight_average": average.state_dict()}
             ds.save_resumable(engine, run_dir, state, run.keep_checkpoints)
+            state.extra = None
             clock.set(elapsed)  # writing the checkpoint is not training time
         if budget_hit:
             break
     model_dir = run_dir / "model"
-    version = _save_model(engine, model_dir, parent)
+    if average is None:
+        version = _save_model(engine, model_dir, parent)
+    else:
+        _save_model(engine, run_dir / "online-model", parent)
+        with average.applied():
+            version = _save_model(engine, model_dir, parent)
     trained = state.step - resumed_from
     summary = {
         "model_kind": "moon3",
         "run_name": run.run_name,
         "run_dir": str(run_dir),
         "checkpoint_dir": str(model_dir),
+        "online_checkpoint_dir": str(run_dir / "online-model") if average is not None else None,
         "model_version": version,
         "parent_version": parent,
         "export_date": data.export_date,

@@ -218,6 +218,11 @@ def test_image_augmentation_mirrors_and_shifts_deterministically():
     assert len({v.tobytes() for v in views}) > 5
     again = decoded(augmented_image(original, np.random.default_rng(7)))
     assert np.array_equal(again, views[7])
+    mirror_only = {decoded(augmented_image(original, np.random.default_rng(seed), max_shift=0)).tobytes()
+                   for seed in range(40)}
+    assert mirror_only == {pixels.tobytes(), pixels[:, ::-1].tobytes()}
+    with pytest.raises(ValueError, match="augment_shift"):
+        load_config("moon3", {"augment_shift": 0.5})
 
 
 def test_deepspeed_steps_change_every_trainable_parameter(settings, trained):

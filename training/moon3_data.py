@@ -17,6 +17,7 @@ from moonpipe import delta
 from moonpipe.settings import Settings
 
 NEUTRAL_TITLE = "product"  # the title an image-only view carries (the processor needs some text)
+MAX_SHIFT = 1 / 14  # of the image's side: 2 pixels of a 28x28 Fashion-MNIST photo
 
 
 @dataclass
@@ -30,22 +31,21 @@ class ProductRecord:
     image_bytes: bytes
     reasoning_target: str
 
-    def view(self, with_text: bool, augment: np.random.Generator | None = None) -> ProductInput:
+    def view(self, with_text: bool, augment: np.random.Generator | None = None,
+             max_shift: float = MAX_SHIFT) -> ProductInput:
         """The product as the model reads it: everything, or its image alone (no text naming it).
         With ``augment``, the image is randomly mirrored and shifted (see ``augmented_image``)."""
-        image = augmented_image(self.image_bytes, augment) if augment is not None else self.image_bytes
+        image = augmented_image(self.image_bytes, augment, max_shift) if augment is not None else self.image_bytes
         if with_text:
             return ProductInput(self.title, image, self.category_path, self.attributes, self.description)
         return ProductInput(NEUTRAL_TITLE, image)
 
 
-MAX_SHIFT = 1 / 14  # of the image's side: 2 pixels of a 28x28 Fashion-MNIST photo
-
-
-def augmented_image(image_bytes: bytes, rng: np.random.Generator) -> bytes:
-    """The photo mirrored left-right half of the time and shifted by up to MAX_SHIFT of its side
-    (edge pixels fill the gap): a product photo's class does not depend on either, so the
-    contrastive objective learns to ignore them instead of memorising exact pixels. PNG-encoded."""
+def augmented_image(image_bytes: bytes, rng: np.random.Generator, max_shift: float = MAX_SHIFT) -> bytes:
+    """The photo mirrored left-right half of the time and shifted by up to ``max_shift`` of its
+    side (edge pixels fill the gap; 0: mirrored only): a product photo's class does not depend on
+    either, so the contrastive objective learns to ignore them instead of memorising exact pixels.
+    PNG-encoded."""
     import io
 
     from PIL import Image, ImageOps
@@ -55,7 +55,7 @@ def augmented_image(image_bytes: bytes, rng: np.random.Generator) -> bytes:
     if rng.random() < 0.5:
         image = ImageOps.mirror(image)
     width, height = image.size
-    dx, dy = (int(rng.integers(-round(side * MAX_SHIFT), round(side * MAX_SHIFT) + 1)) for side in (width, height))
+    dx, dy = (int(rng.integers(-round(side * max_shift), round(side * max_shift) + 1)) for side in (width, height))
     if dx or dy:
         array = np.asarray(image)
         pad = ((abs(dy), abs(dy)), (abs(dx), abs(dx))) + ((0, 0),) * (array.ndim - 2)

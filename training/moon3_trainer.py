@@ -40,7 +40,7 @@ from model.moon3_processing import Moon3Processor
 from moonpipe.settings import Settings
 from training import engine as ds
 from training.losses import group_advantages, grpo_loss, info_nce
-from training.moon3_data import Example, TrainingSet, load_training_set
+from training.moon3_data import MAX_SHIFT, Example, TrainingSet, load_training_set
 from training.run_config import RunConfig, register_config
 from training.step_inputs import step_inputs
 from training.weight_average import WeightAverage
@@ -70,6 +70,7 @@ class Moon3TrainConfig:
     matching_clicks_only: bool = False
     text_dropout: float = 0.5  # probability that a product is shown as its image alone
     augment_images: bool = False  # mirror and shift each training view's photo at random
+    augment_shift: float = MAX_SHIFT  # the largest shift, as a share of the image's side (0: mirror only)
     # Exponential moving average of the weights (0: off): the run's model/ is the average, its
     # online-model/ the last step's weights (training/weight_average.py).
     ema_decay: float = 0.0
@@ -101,6 +102,8 @@ class Moon3TrainConfig:
             raise ValueError("every objective is off: give at least one loss a positive weight")
         if self.grpo_weight > 0 and (self.grpo_group_size < 2 or self.grpo_products < 1 or self.grpo_every < 1):
             raise ValueError("GRPO needs grpo_group_size >= 2, grpo_products >= 1 and grpo_every >= 1")
+        if not 0 <= self.augment_shift < 0.5:
+            raise ValueError(f"augment_shift={self.augment_shift} must lie in [0, 0.5) (a share of the image's side)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must lie in [0, 1) (0: no weight average)")
         if not 0 < self.initial_temperature < 1:
@@ -325,8 +328,10 @@ def build_inputs(
 ) -> dict[str, Any]:
     show_text = rng.random(2 * len(examples)) >= config.text_dropout
     augment = rng if config.augment_images else None
-    views = [e.product.view(bool(t), augment) for e, t in zip(examples, show_text[: len(examples)])]
-    views += [e.positive.view(bool(t), augment) for e, t in zip(examples, show_text[len(examples):])]
+    views = [e.product.view(bool(t), augment, config.augment_shift)
+             for e, t in zip(examples, show_text[: len(examples)])]
+    views += [e.positive.view(bool(t), augment, config.augment_shift)
+              for e, t in zip(examples, show_text[len(examples):])]
     encoded = [processor.encode(v) for v in views]
     inputs: dict[str, Any] = {"weights": weights}
     if weights["query_nce"] > 0 or weights["product_nce"] > 0 or weights["grpo"] > 0:

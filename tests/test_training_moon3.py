@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from datetime import date
+from pathlib import Path
 
 import pytest
 import torch
 
 from jobs.training_data import export_training_sets
 from model.moon3_checkpoint import build_model, load_checkpoint, read_manifest, save_checkpoint
-from moonpipe.settings import Settings
+from moonpipe.settings import PROJECT_ROOT, Settings
 from training import registry
+from training.engine import free_port
 from training.evaluate import evaluate
-from training.launch import load_config, train
+from training.launch import load_config, run_dir_for, train
 from training.losses import group_advantages, grpo_loss, info_nce
 from training.moon3_trainer import plan_step
 from training.promote import promote
@@ -317,6 +322,43 @@ def test_two_ranks_on_cpu_with_gloo(settings):
     assert summary["world_size"] == 2 and summary["steps"] == 1 and summary["samples"] == 12
     assert math.isfinite(summary["last_metrics"]["loss"])
     assert load_checkpoint(summary["checkpoint_dir"]).version == summary["model_version"]
+
+
+def test_the_process_group_starts_despite_a_stale_op_build_lock(tmp_path):
+    # A killed process can leave a JIT build's lock file behind, on which torch waits without end:
+    # DeepSpeed's backend would build its shared-memory op at start, under that lock (CI hung so).
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    started = subprocess.run(
+        [sys.executable, "-c", "from training.engine import init_distributed, world_size\n"
+                               "init_distributed(); print('world', world_size())"],
+        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert started.stdout.split()[-2:] == ["world", "1"]
+    assert (tmp_path / "deepspeed_shm_comm" / "lock").exists()  # untouched: nothing waited on it
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # gone while we looked
+            continue
+    return found
+
+
+def test_a_launch_past_its_timeout_stops_every_rank_and_shows_the_log(settings):
+    # After 8 s torchrun has started its ranks (its banner is in the log), which are still starting up.
+    with pytest.raises(TimeoutError, match="timeout and was stopped; last lines of .*launch.log") as stopped:
+        train("moon3", _config("timed-out"), nproc=2, settings=settings, timeout_s=8)
+    assert "got signal: 15" in str(stopped.value)  # torchrun's last words: it was sent SIGTERM
+    run_dir = run_dir_for("moon3", "timed-out", settings)
+    assert "OMP_NUM_THREADS" in (run_dir / "launch.log").read_text()
+    assert _processes_naming(str(run_dir / "config.json")) == []
 
 
 def test_evaluation_and_the_gate_refuses_a_worse_model(settings, trained, tmp_path):

@@ -53,11 +53,26 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
+# DeepSpeed's backend JIT-compiles its shared-memory all-reduce op when the process group starts,
+# though only inference uses it: tens of seconds and a compiler on a fresh machine, and a wait
+# without end on the build's lock file when a killed process left one behind.
+_OPS_TRAINING_NEVER_USES = ("deepspeed_shm_comm",)
+
+
+def _skip_ops_training_never_uses() -> None:
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # what the backend consults before building an op
+    for name in _OPS_TRAINING_NEVER_USES:
+        compatible[name] = False
+
+
 def init_distributed() -> None:
     import deepspeed
 
     ensure_rendezvous()
     if not torch.distributed.is_initialized():
+        _skip_ops_training_never_uses()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 

@@ -12,10 +12,12 @@ through ``TRAINERS``: a config class and a ``run(config, settings, run_dir)`` pe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -112,9 +114,35 @@ def train(
     LOG.info("launching %s ranks: %s (log: %s)", nproc if hostfile is None else "hostfile", " ".join(command), log_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     with log_path.open("w") as log:
-        done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout_s, check=False)
-    if done.returncode != 0 or not summary_path.is_file():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"training {model_kind!r} failed (exit {done.returncode}); last lines of {log_path}:\n{tail}")
+        # A session of its own, stopped as a whole: on a timeout no rank is left running (a killed
+        # torchrun alone would orphan them).
+        launcher = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            returncode = launcher.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_session(launcher)
+            raise TimeoutError(f"training {model_kind!r} ran past its {timeout_s:.0f} s timeout and was stopped; "
+                               f"last lines of {log_path}:\n{_tail(log_path)}") from None
+        except BaseException:  # Ctrl-C reaches this process only: its own session does not see it
+            _stop_session(launcher)
+            raise
+    if returncode != 0 or not summary_path.is_file():
+        raise RuntimeError(f"training {model_kind!r} failed (exit {returncode}); last lines of {log_path}:\n"
+                           f"{_tail(log_path)}")
     return json.loads(summary_path.read_text())
+
+
+def _tail(log_path: Path, lines: int = 30) -> str:
+    return "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+
+
+def _stop_session(launcher: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the launcher's whole session (torchrun and its ranks), SIGKILL to what is left after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launcher.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()

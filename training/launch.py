@@ -17,7 +17,6 @@ import importlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -114,19 +113,13 @@ def train(
     LOG.info("launching %s ranks: %s (log: %s)", nproc if hostfile is None else "hostfile", " ".join(command), log_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     with log_path.open("w") as log:
-        # A session of its own, stopped as a whole: on a timeout no rank is left running (a killed
-        # torchrun alone would orphan them).
-        launcher = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        launcher = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             returncode = launcher.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _stop_session(launcher)
+            _stop_with_its_ranks(launcher)
             raise TimeoutError(f"training {model_kind!r} ran past its {timeout_s:.0f} s timeout and was stopped; "
                                f"last lines of {log_path}:\n{_tail(log_path)}") from None
-        except BaseException:  # Ctrl-C reaches this process only: its own session does not see it
-            _stop_session(launcher)
-            raise
     if returncode != 0 or not summary_path.is_file():
         raise RuntimeError(f"training {model_kind!r} failed (exit {returncode}); last lines of {log_path}:\n"
                            f"{_tail(log_path)}")
@@ -137,12 +130,20 @@ def _tail(log_path: Path, lines: int = 30) -> str:
     return "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
 
 
-def _stop_session(launcher: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the launcher's whole session (torchrun and its ranks), SIGKILL to what is left after ``grace_s``."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(launcher.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        launcher.wait(timeout=grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(launcher.pid, signal.SIGKILL)
+def _stop_with_its_ranks(launcher: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the launcher and every process under it (torchrun's ranks: killing torchrun alone
+    would leave them running), SIGKILL to those still there after ``grace_s``."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        processes = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     launcher.wait()

@@ -318,7 +318,7 @@ def test_two_ranks_on_cpu_with_gloo(settings):
     # A time-annealed schedule: the ranks share one clock (the slowest rank's, all-reduced each step).
     run = {"max_steps": 1, "threads": 1, "time_budget_s": 600, "anneal_by": "time"}
     summary = train("moon3", _config("two-ranks", run=run), nproc=2, settings=settings,
-                    timeout_s=600)
+                    timeout_s=300)
     assert summary["world_size"] == 2 and summary["steps"] == 1 and summary["samples"] == 12
     assert math.isfinite(summary["last_metrics"]["loss"])
     assert load_checkpoint(summary["checkpoint_dir"]).version == summary["model_version"]

@@ -17,8 +17,10 @@ import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,14 +133,25 @@ def _tail(log_path: Path, lines: int = 30) -> str:
 
 
 def _stop_with_its_ranks(launcher: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the launcher and every process under it (torchrun's ranks: killing torchrun alone
-    would leave them running), SIGKILL to those still there after ``grace_s``."""
+    """SIGUSR1 to the ranks (their stacks into the log), then SIGTERM to the launcher and every
+    process under it (killing torchrun alone would leave its ranks running), SIGKILL to those still
+    there after ``grace_s``."""
     import psutil
 
     try:
         processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         processes = []
+    ranks = []
+    for process in processes[1:]:
+        with contextlib.suppress(psutil.Error):
+            if "training.worker" in process.cmdline():
+                ranks.append(process)
+    for rank in ranks:  # each rank's stacks into the log first (training/worker.py): where it waited
+        with contextlib.suppress(psutil.Error):
+            rank.send_signal(signal.SIGUSR1)
+    if ranks:
+        time.sleep(2.0)
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import sys
 
 
@@ -14,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None, help="MOONPIPE_HOME of the launching process")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
+    # `kill -USR1 <pid>` writes every thread's stack to the log: where a stuck rank waits (the
+    # launcher asks for it before stopping a run past its timeout).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     from moonpipe.progress import configure_logging
     from moonpipe.settings import Settings

@@ -322,7 +322,7 @@ def test_two_ranks_on_cpu_with_gloo(settings):
         summary = train("moon3", _config("two-ranks", run=run), nproc=2, settings=settings, timeout_s=120)
     except TimeoutError:
         # An open bug: in the full suite this launch has hung before its first step (not reproduced
-        # alone in 25 launches; docs/training.md). The hung ranks' stacks go into the warning; a
+        # in 19 launches outside it; docs/training.md). The hung ranks' stacks go into the warning; a
         # second launch must then complete.
         log = (run_dir_for("moon3", "two-ranks", settings) / "launch.log").read_text(errors="replace")
         stacks = [line for line in log.splitlines() if line.lstrip().startswith(("File ", "Thread ", "Current thread"))]

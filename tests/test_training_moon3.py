@@ -10,8 +10,8 @@ import subprocess
 import sys
 import warnings
 from datetime import date
-from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -335,7 +335,8 @@ def test_two_ranks_on_cpu_with_gloo(settings):
 
 def test_the_process_group_starts_despite_a_stale_op_build_lock(tmp_path):
     # A killed process can leave a JIT build's lock file behind, on which torch waits without end:
-    # DeepSpeed's backend would build its shared-memory op at start, under that lock (CI hung so).
+    # DeepSpeed's backend would build its shared-memory op at start, under that lock (the likely
+    # cause of a CI hang).
     (tmp_path / "deepspeed_shm_comm").mkdir()
     (tmp_path / "deepspeed_shm_comm" / "lock").touch()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(PROJECT_ROOT),
@@ -350,14 +351,7 @@ def test_the_process_group_starts_despite_a_stale_op_build_lock(tmp_path):
 
 
 def _processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
-        except OSError:  # gone while we looked
-            continue
-    return found
+    return [process.pid for process in psutil.process_iter(["cmdline"]) if text in (process.info["cmdline"] or [])]
 
 
 def test_a_launch_past_its_timeout_stops_every_rank_and_shows_the_log(settings):

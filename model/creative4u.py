@@ -246,8 +246,10 @@ class Creative4UModel(nn.Module):
 
     # -- judging ---------------------------------------------------------------------------------
 
-    def _generate(self, batch: dict[str, torch.Tensor], guided: bool, sample: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Generated token ids per row and the raw (unprocessed) logits per step [rows, vocab]."""
+    def _generate(self, batch: dict[str, torch.Tensor], guided: bool, sample: bool,
+                  synced: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Generated token ids per row and the raw (unprocessed) logits per step [rows, vocab].
+        ``synced``: every rank steps until all have finished (training under ZeRO-3)."""
         from transformers import LogitsProcessorList
 
         prompt_length = batch["input_ids"].shape[1]
@@ -270,6 +272,7 @@ class Creative4UModel(nn.Module):
             pad_token_id=self.tokenizer.pad_token_id,
             output_logits=True,
             return_dict_in_generate=True,
+            synced_gpus=synced,
         )
         generated = out.sequences[:, prompt_length:].tolist()
         rows = []

@@ -16,6 +16,7 @@ from moonpipe.settings import Settings
 from training.creative4u_trainer import split_examples, wilson_interval
 from training.evaluate import evaluate
 from training.launch import train
+from tests.ragged_ranks_worker import launch, sharded_zero3
 
 DATA = {"vendure_products": 2, "fashion_products": 1, "creatives_per_product": 4, "mean_impressions": 1100}
 
@@ -60,3 +61,20 @@ def test_cot_sft_then_grpo_steps_change_every_parameter(settings):
     values = report["candidate"]["metrics"]
     assert values["pairs"] >= 1 and 0 <= values["pair_accuracy_ci_low"] <= values["pair_accuracy"] <= 1
     assert values["undecided_rate"] == 0.0  # guided decoding always answers
+
+
+@pytest.mark.slow
+def test_zero3_shards_across_two_ranks_whose_rollouts_end_at_different_lengths(settings, tmp_path):
+    # Rank 1's rollouts reason for 1 token, rank 0's for 6: generation must keep the ranks' ZeRO-3
+    # parameter gathers in step, and the loss may touch parameters inside their modules' forward only.
+    config = {"run": {"run_name": "c4u-zero3", "max_steps": 2, "micro_batch": 2, "warmup_steps": 1,
+                      "weight_decay": 0.0, "learning_rate": 1e-3, "checkpoint_every": 0, "threads": 1,
+                      "zero": sharded_zero3(tmp_path)},
+              "heldout_fraction": 0.0, "sft_steps": 1, "grpo_pairs": 1, "grpo_group_size": 2, "grpo_think_tokens": 6}
+    summary = launch("creative4u", config, settings, rank1="grpo_think_tokens=1")
+    assert summary["zero_stage"] == 3 and summary["world_size"] == 2 and summary["steps"] == 2
+    assert math.isfinite(summary["last_metrics"]["grpo_loss"])
+    before = dict(build_model(Creative4UConfig(backbone="tiny", seed=0)).named_parameters())
+    after = dict(load_checkpoint(summary["checkpoint_dir"]).named_parameters())
+    assert {name: p.shape for name, p in after.items()} == {name: p.shape for name, p in before.items()}
+    assert [name for name, p in before.items() if torch.equal(p, after[name])] == []

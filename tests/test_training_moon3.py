@@ -25,6 +25,7 @@ from training.launch import load_config, run_dir_for, train
 from training.losses import group_advantages, grpo_loss, info_nce
 from training.moon3_trainer import plan_step
 from training.promote import promote
+from tests.ragged_ranks_worker import launch, sharded_zero3
 
 FAST = {"run": {"max_steps": 2, "micro_batch": 6, "warmup_steps": 1, "weight_decay": 0.0, "learning_rate": 1e-3,
                 "checkpoint_every": 1, "log_every": 1, "threads": 2},
@@ -331,6 +332,20 @@ def test_two_ranks_on_cpu_with_gloo(settings):
     assert summary["world_size"] == 2 and summary["steps"] == 1 and summary["samples"] == 12
     assert math.isfinite(summary["last_metrics"]["loss"])
     assert load_checkpoint(summary["checkpoint_dir"]).version == summary["model_version"]
+
+
+@pytest.mark.slow
+def test_zero3_shards_across_two_ranks_whose_samples_end_at_different_lengths(settings, tmp_path):
+    # Rank 1 samples 2 reasoning tokens, rank 0 six: without generation in lockstep, rank 0's
+    # parameter gathers find no partner (a collective mismatch, or a hang).
+    config = _config("zero3-ragged", run={"zero": sharded_zero3(tmp_path), "threads": 1, "checkpoint_every": 0})
+    summary = launch("moon3", config, settings, rank1="max_reasoning_tokens=2")
+    assert summary["zero_stage"] == 3 and summary["world_size"] == 2 and summary["steps"] == 2
+    assert math.isfinite(summary["last_metrics"]["grpo_loss"]) and math.isfinite(summary["last_metrics"]["loss"])
+    before = dict(build_model(load_config("moon3", config).model_config()).named_parameters())
+    after = dict(load_checkpoint(summary["checkpoint_dir"]).named_parameters())  # gathered whole to be saved
+    assert {name: p.shape for name, p in after.items()} == {name: p.shape for name, p in before.items()}
+    assert [name for name, p in before.items() if torch.equal(p, after[name])] == []
 
 
 def test_the_process_group_starts_despite_a_stale_op_build_lock(tmp_path):

@@ -121,17 +121,20 @@ class Creative4UObjective(nn.Module):
         self._reference = [reference] if reference is not None else []
 
     def forward(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = sum(p.sum() * 0.0 for p in self.model.backbone.lm_head.parameters())
+        # Terms only: touching a parameter outside its module's forward breaks ZeRO-3, which
+        # gathers it for that forward alone. Each step has one term at least (see build_step).
+        terms: list[torch.Tensor] = []
         metrics: dict[str, float] = {}
         if inputs.get("sft") is not None:
             logprobs, mask = completion_logprobs(self.model, inputs["sft"])
             sft = -logprobs.sum() / mask.sum()
-            loss = loss + inputs["sft_weight"] * sft
+            terms.append(inputs["sft_weight"] * sft)
             metrics["sft_loss"] = float(sft.detach())
         if inputs.get("grpo") is not None:
             rl, rl_metrics = self._grpo(inputs["grpo"], inputs["labels"])
-            loss = loss + self.config.grpo_weight * rl
+            terms.append(self.config.grpo_weight * rl)
             metrics.update(rl_metrics)
+        loss = torch.stack(terms).sum()
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
@@ -145,7 +148,8 @@ class Creative4UObjective(nn.Module):
             model.config = model.config.replace(guided_think_tokens=config.grpo_think_tokens,
                                                 retry_temperature=config.grpo_temperature)
             try:
-                completions, _ = model._generate(prompt, guided=True, sample=True)
+                completions, _ = model._generate(prompt, guided=True, sample=True,
+                                                 synced=ds.generation_syncs_ranks(model))
             finally:
                 model.config = model.config.replace(guided_think_tokens=think_budget)
             answer_end = model.token_ids[ANSWER_END]  # a finished output ended with eos, which _generate strips

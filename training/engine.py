@@ -84,6 +84,14 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def generation_syncs_ranks(module: torch.nn.Module) -> bool:
+    """Whether ``generate`` on ``module`` must step in lockstep on every rank (transformers'
+    ``synced_gpus``). ZeRO-3 gathers sharded parameters from all ranks in each forward, so a rank
+    whose samples end early has to keep stepping, or the other ranks' gathers fail or wait forever.
+    Only ZeRO-3 marks parameters with ``ds_id``."""
+    return world_size() > 1 and any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

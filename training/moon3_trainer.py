@@ -267,7 +267,7 @@ class Moon3Objective(nn.Module):
                     **model._image_inputs(batch["input_ids"], vision, batch.get("image_grid_thw")),
                     max_new_tokens=config.max_reasoning_tokens, do_sample=True, temperature=config.grpo_temperature,
                     top_k=0, top_p=1.0, bad_words_ids=self.banned, eos_token_id=sorted(stops),
-                    pad_token_id=tokenizer.pad_token_id,
+                    pad_token_id=tokenizer.pad_token_id, synced_gpus=ds.generation_syncs_ranks(model),
                 )[:, batch["input_ids"].shape[1]:]
             completions, reasonings, texts = [], [], []
             for row in generated.tolist():

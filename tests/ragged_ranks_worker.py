@@ -44,6 +44,7 @@ def launch(kind: str, config: dict[str, Any], settings: Settings, rank1: str, ti
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return json.loads((run_dir / "summary.json").read_text())
 
+
 if __name__ == "__main__":
     field, _, value = sys.argv.pop(sys.argv.index("--rank1") + 1).partition("=")
     sys.argv.remove("--rank1")

@@ -200,6 +200,29 @@ def test_matching_clicks_only_drops_the_clicks_that_contradict_the_catalog(setti
     assert len(contradicting) == len(noisy_in_train)
 
 
+def test_fresh_product_partners_are_other_products_of_the_category_drawn_anew_each_step(settings):
+    from training.moon3_data import load_training_set
+
+    data = load_training_set(settings)
+    fixed = data.batch(0, 3, 0, 32)
+    fresh = data.batch(0, 3, 0, 32, fresh_partners=True)
+    # The same clicks either way: only the positives change.
+    assert [(e.query, e.product.product_id) for e in fresh] == [(e.query, e.product.product_id) for e in fixed]
+    assert [e.positive.product_id for e in fixed] == [data.product_pairs[e.product.product_id] for e in fixed]
+    assert all(e.positive.category == e.product.category and e.positive.product_id != e.product.product_id
+               and e.positive.product_id in data.products for e in fresh)  # the training split only
+    # Deterministic per (seed, step, rank), so a resumed run draws the same; new at other steps.
+    again = data.batch(0, 3, 0, 32, fresh_partners=True)
+    assert [e.positive.product_id for e in again] == [e.positive.product_id for e in fresh]
+    anchor = fresh[0].product
+    partners = set()
+    for step in range(40):
+        partners.update(e.positive.product_id for e in data.batch(0, step, 0, len(data), fresh_partners=True)
+                        if e.product.product_id == anchor.product_id)
+    of_category = [pid for pid, p in data.products.items() if p.category == anchor.category]
+    assert len(partners) > 1 and partners <= set(of_category) - {anchor.product_id}
+
+
 def test_image_augmentation_mirrors_and_shifts_deterministically():
     import io
 

@@ -87,6 +87,13 @@ class TrainingSet:
         # Only pairs whose product has a positive can feed both objectives.
         self.query_pairs = [(q, pid) for q, pid in query_pairs if pid in product_pairs and pid in products]
         self.product_pairs = product_pairs
+        # For partners drawn afresh each step: the products of each category that has a pair.
+        by_category: dict[str, list[str]] = {}
+        for product_id in sorted(product_pairs):
+            if product_id in products:
+                by_category.setdefault(products[product_id].category, []).append(product_id)
+        self.paired_by_category = by_category
+        self.place_in_category = {pid: i for members in by_category.values() for i, pid in enumerate(members)}
         if not self.query_pairs:
             raise ValueError(
                 f"export {export_date} has no usable training pairs (query pairs whose product has a "
@@ -96,16 +103,25 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.query_pairs)
 
-    def batch(self, seed: int, step: int, rank: int, size: int) -> list[Example]:
+    def batch(self, seed: int, step: int, rank: int, size: int, fresh_partners: bool = False) -> list[Example]:
+        """``fresh_partners``: each product's positive is drawn from its category at every step
+        (another product of it, seeded by step and rank) instead of the export's fixed pair, so
+        that over many epochs an anchor meets many partners and cannot memorise one."""
         rng = np.random.default_rng([seed, step, rank])
         picks = rng.choice(len(self.query_pairs), size=min(size, len(self.query_pairs)), replace=False)
+        partners = np.random.default_rng([seed, step, rank, 2]) if fresh_partners else None
         examples = []
         for index in picks:
             query, product_id = self.query_pairs[int(index)]
             product = self.products[product_id]
-            examples.append(Example(query, product, self.products[self.product_pairs[product_id]],
-                                    self.category_ids[product.category]))
+            partner_id = self.product_pairs[product_id] if partners is None else self._other_of_category(product, partners)
+            examples.append(Example(query, product, self.products[partner_id], self.category_ids[product.category]))
         return examples
+
+    def _other_of_category(self, product: ProductRecord, rng: np.random.Generator) -> str:
+        members = self.paired_by_category[product.category]  # two products at least (it has a pair)
+        drawn = int(rng.integers(len(members) - 1))  # uniform over the others: skip the product's own place
+        return members[drawn + 1] if drawn >= self.place_in_category[product.product_id] else members[drawn]
 
 
 def latest_export_date(settings: Settings) -> str:

@@ -83,6 +83,9 @@ class Moon3TrainConfig:
     # In-batch products of the anchor's category: masked out of the negatives (False) or also
     # counted as positives (True, supervised contrastive).
     category_positives: bool = False
+    # Each product's positive drawn afresh from its category every step, instead of the export's
+    # fixed pair (moon3_product_pairs), which an anchor meets again every epoch.
+    fresh_product_partners: bool = False
     grpo_weight: float = 0.5
     grpo_every: int = 4  # GRPO on every N-th step (generation is the costly part)
     grpo_products: int = 4  # R
@@ -421,7 +424,7 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
     clock.set(state.train_seconds)
 
     def build_step(step: int) -> tuple[int, dict[str, Any]]:
-        examples = data.batch(run.seed, step, rank, run.micro_batch)
+        examples = data.batch(run.seed, step, rank, run.micro_batch, config.fresh_product_partners)
         rng = np.random.default_rng([run.seed, step, rank, 1])
         cpu = torch.device("cpu")
         return len(examples), build_inputs(examples, model, processor, config, plan_step(config, step), rng, cpu)

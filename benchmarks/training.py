@@ -2,7 +2,9 @@
 
 Each variant trains the same number of real DeepSpeed steps on the same exported training set
 (real Fashion-MNIST images) in one process; the table gives samples/s (anchors per second) and
-each variant's cost relative to the first. Variants:
+each variant's cost relative to the first, and the model FLOP/s (counted by the trainer,
+training/throughput.py) as a fraction of one rank's peak (datasheet on known GPUs, else a
+measured matrix product). Variants:
 
     nce          InfoNCE only (query->product and product<->product)
     nce+sft      plus the SFT term on every step
@@ -40,13 +42,13 @@ VARIANTS = {
 }
 
 
-def _steady_rate(metrics_path: Path, batch: int) -> float:
-    """Samples/s over steps 2..N (step 1 carries the set-up)."""
+def _steady_rates(metrics_path: Path, batch: int) -> tuple[float, float]:
+    """Samples/s and model FLOP/s over steps 2..N (step 1 carries the set-up and the FLOP count)."""
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     if len(lines) < 2:
         raise ValueError(f"{metrics_path}: need at least 2 steps to time")
     seconds = lines[-1]["seconds"] - lines[0]["seconds"]
-    return (len(lines) - 1) * batch / seconds
+    return (len(lines) - 1) * batch / seconds, sum(line["step_flops"] for line in lines[1:]) / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     home = args.home or tempfile.mkdtemp(prefix="moonpipe-bench-training-")
     os.environ["MOONPIPE_HOME"] = home
+    import torch
+
     from jobs.training_data import export_training_sets
     from moonpipe.settings import Settings
     from moonpipe.spark_session import get_spark
     from training.launch import train
+    from training.throughput import peak_flops
 
     settings = Settings.from_env(home=home)
     spark = get_spark()
@@ -88,18 +93,26 @@ def main(argv: list[str] | None = None) -> int:
                 run["threads"] = args.worker_threads
             config = {"run": run, "backbone": args.preset, "image_pixels": args.image_pixels, **overrides}
             summary = train("moon3", config, settings=settings)
-            rate = _steady_rate(Path(summary["run_dir"]) / "metrics.jsonl", args.batch)
+            rate, flops = _steady_rates(Path(summary["run_dir"]) / "metrics.jsonl", args.batch)
             if name not in best or rate > best[name]["samples_per_s"]:
                 best[name] = {"variant": name, "zero_stage": summary["zero_stage"],
-                              "precision": summary["precision"], "samples_per_s": round(rate, 2)}
+                              "precision": summary["precision"], "samples_per_s": round(rate, 2), "flops": flops}
+    # One peak for every row, measured once here with the runs' threads (a matmul's speed drifts
+    # with the machine's load as much as the variants differ).
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = {"bf16": torch.bfloat16, "fp32": torch.float32}[best[names[0]]["precision"]]
+    peak, peak_source = peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), precision)
     rows = [best[name] for name in names]
     base = rows[0]["samples_per_s"]
     print(f"MOON3.0 training throughput, preset {args.preset}, batch {args.batch}, {args.steps} steps per "
           f"variant, best of {args.rounds} interleaved rounds")
-    print(f"{'variant':16s} {'ZeRO':>4s} {'precision':>9s} {'samples/s':>10s} {'vs first':>9s}")
+    print(f"{'variant':16s} {'ZeRO':>4s} {'precision':>9s} {'samples/s':>10s} {'vs first':>9s} "
+          f"{'TFLOP/s':>8s} {'of peak':>8s}")
     for row in rows:
         print(f"{row['variant']:16s} {row['zero_stage']:4d} {row['precision']:>9s} {row['samples_per_s']:10.2f} "
-              f"{row['samples_per_s'] / base:8.2f}x")
+              f"{row['samples_per_s'] / base:8.2f}x {row['flops'] / 1e12:8.4f} {row['flops'] / peak:8.2%}")
+    print(f"peak: {peak / 1e12:.3f} TFLOP/s, {peak_source}")
     return 0
 
 

@@ -56,6 +56,10 @@ def test_cot_sft_then_grpo_steps_change_every_parameter(settings):
     after = dict(load_checkpoint(summary["checkpoint_dir"]).named_parameters())
     assert before.keys() == after.keys()
     assert [name for name, p in before.items() if torch.equal(p, after[name])] == []
+    # Step 1 is CoT-SFT, step 2 GRPO (its rollouts' generation counted too): each kind counted once.
+    flops = summary["throughput"]["flops_per_step_by_kind"]
+    assert sorted(flops) == ["grpo", "sft"] and min(flops.values()) > 0
+    assert summary["throughput"]["train_flops"] == flops["sft"] + flops["grpo"]
     report = evaluate("creative4u", summary["checkpoint_dir"], settings=settings, record=False,
                       heldout_fraction=0.5, decoding="guided", limit=4)
     values = report["candidate"]["metrics"]

@@ -272,6 +272,22 @@ def test_deepspeed_steps_change_every_trainable_parameter(settings, trained):
     assert all(torch.equal(before[name], reference[name]) for name in before)
 
 
+def test_the_run_counts_its_model_flops_and_their_share_of_the_peak(trained):
+    throughput = trained["throughput"]
+    lines = [json.loads(line) for line in open(f"{trained['run_dir']}/metrics.jsonl")]
+    # No warm-up and GRPO on every step: both steps are of one kind, counted once.
+    assert list(throughput["flops_per_step_by_kind"]) == ["sft+query_nce+product_nce+grpo"]
+    per_step = throughput["flops_per_step_by_kind"]["sft+query_nce+product_nce+grpo"]
+    assert [line["step_flops"] for line in lines] == [per_step, per_step]
+    # At least the projection head's product for the 12 products and 6 queries of a step, forward
+    # and backward (the whole model costs far more).
+    assert per_step > 3 * 2 * 18 * 64 * 128
+    assert throughput["train_flops"] == 2 * per_step
+    assert throughput["flops_per_second_per_rank"] == pytest.approx(2 * per_step / trained["train_seconds"], rel=0.01)
+    assert throughput["peak_source"] == "measured matmul (cpu, float32)"
+    assert 0 < throughput["fraction_of_peak"] < 1
+
+
 def test_resume_continues_the_step_count(settings, trained):
     resumed = train("moon3", _config("all-terms", run={"max_steps": 3}), settings=settings)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3 and resumed["steps_this_call"] == 1

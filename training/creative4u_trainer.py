@@ -35,6 +35,7 @@ from training import engine as ds
 from training.losses import group_advantages, grpo_loss
 from training.run_config import RunConfig, register_config
 from training.step_inputs import step_inputs
+from training.throughput import StepFlops, throughput_summary
 
 LOG = logging.getLogger("moonpipe.training.creative4u")
 
@@ -238,20 +239,25 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
         return inputs
 
     steps = step_inputs(build_step, state.step, run.max_steps, run.input_workers, device)
+    step_flops = StepFlops(run.count_flops)
     while state.step < run.max_steps:
         if state.step == config.sft_steps and config.grpo_weight > 0 and not objective._reference:
             _save(engine, reference_dir, parent)
             load_reference()
         inputs = next(steps)
-        loss, metrics = engine(inputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Creative4U loss is {float(loss)} at step {state.step} ({metrics})")
-        engine.backward(loss)
+        kind = tuple(term for term in ("sft", "grpo") if inputs[term] is not None)
+        with step_flops.counting(kind):
+            loss, metrics = engine(inputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"Creative4U loss is {float(loss)} at step {state.step} ({metrics})")
+            engine.backward(loss)
         engine.step()
+        state.flops += step_flops.of(kind)
         state.step += 1
         state.samples += (run.micro_batch if inputs["sft"] is not None else 0) * world
         elapsed = clock.tick()
-        record = {"step": state.step, "seconds": round(elapsed, 2), "lr": engine.get_lr()[0], **metrics}
+        record = {"step": state.step, "seconds": round(elapsed, 2), "lr": engine.get_lr()[0], **metrics,
+                  "step_flops": step_flops.of(kind)}
         history.append(record)
         if rank == 0:
             with (run_dir / "metrics.jsonl").open("a") as handle:
@@ -275,7 +281,10 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
         "steps_this_call": trained, "resumed_from_step": resumed_from, "train_seconds": round(state.train_seconds, 2),
         "stopped_by": stopped_by if trained else "already_complete", "world_size": world,
         "zero_stage": engine.zero_optimization_stage(), "precision": "bf16" if ds.use_bf16(run) else "fp32",
-        "device": str(device), "last_metrics": history[-1] if history else {},
+        "device": str(device),
+        "throughput": throughput_summary(step_flops, state.flops, state.train_seconds, world, device,
+                                         dtype or torch.float32),
+        "last_metrics": history[-1] if history else {},
     }
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

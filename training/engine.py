@@ -68,6 +68,10 @@ def _skip_ops_training_never_uses() -> None:
 
 
 def init_distributed() -> None:
+    if not torch.cuda.is_available():
+        # Left to detect it, DeepSpeed warns on stdout that it chose the CPU, before the JSON
+        # summary `moonpipe train` prints there.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     ensure_rendezvous()
@@ -197,6 +201,7 @@ class ResumeState:
     step: int = 0
     samples: int = 0
     train_seconds: float = 0.0
+    flops: float = 0.0  # model FLOPs of this rank's steps so far (training/throughput.py)
     extra: dict[str, Any] | None = None
 
 

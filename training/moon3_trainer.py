@@ -43,6 +43,7 @@ from training.losses import group_advantages, grpo_loss, info_nce
 from training.moon3_data import MAX_SHIFT, Example, TrainingSet, load_training_set
 from training.run_config import RunConfig, register_config
 from training.step_inputs import step_inputs
+from training.throughput import StepFlops, throughput_summary
 from training.weight_average import WeightAverage
 
 LOG = logging.getLogger("moonpipe.training.moon3")
@@ -430,23 +431,28 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
         return len(examples), build_inputs(examples, model, processor, config, plan_step(config, step), rng, cpu)
 
     steps = step_inputs(build_step, state.step, run.max_steps, run.input_workers, device)
+    step_flops = StepFlops(run.count_flops)
     while state.step < run.max_steps:
         if state.step == config.sft_warmup_steps and config.grpo_weight > 0 and not module._reference:
             _save_model(engine, reference_dir, parent)  # the reference: the model after its warm-up
             load_reference()
         batch_size, inputs = next(steps)
-        loss, metrics = engine(inputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"MOON3.0 loss is {float(loss)} at step {state.step}: lower the learning "
-                                     f"rate or check the inputs ({metrics})")
-        engine.backward(loss)
+        kind = tuple(term for term, weight in inputs["weights"].items() if weight > 0)
+        with step_flops.counting(kind):
+            loss, metrics = engine(inputs)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"MOON3.0 loss is {float(loss)} at step {state.step}: lower the learning "
+                                         f"rate or check the inputs ({metrics})")
+            engine.backward(loss)
         engine.step()
+        state.flops += step_flops.of(kind)
         if average is not None:
             average.update()
         state.step += 1
         state.samples += batch_size * world
         elapsed = clock.tick()
-        record = {"step": state.step, "seconds": round(elapsed, 2), "lr": engine.get_lr()[0], **metrics}
+        record = {"step": state.step, "seconds": round(elapsed, 2), "lr": engine.get_lr()[0], **metrics,
+                  "step_flops": step_flops.of(kind)}
         history.append(record)
         if rank == 0:
             with metrics_path.open("a") as handle:
@@ -495,6 +501,8 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
         "zero_stage": engine.zero_optimization_stage(),
         "precision": "bf16" if ds.use_bf16(run) else "fp32",
         "device": str(device),
+        "throughput": throughput_summary(step_flops, state.flops, state.train_seconds, world, device,
+                                         dtype or torch.float32),
         "last_metrics": {k: v for k, v in (history[-1] if history else {}).items() if not isinstance(v, str)},
     }
     if rank == 0:

@@ -44,6 +44,9 @@ class RunConfig:
     # training process); see training/step_inputs.py.
     input_workers: int = 0
     log_every: int = 10
+    # Count each step kind's model FLOPs once (training/throughput.py): the run's summary then
+    # gives its FLOP/s and their fraction of the device's peak.
+    count_flops: bool = True
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.micro_batch < 1 or self.gradient_accumulation < 1:

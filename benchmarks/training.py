@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                    **overrides.pop("run", {})}
             if run.get("input_workers") and args.worker_threads is not None:
                 run["threads"] = args.worker_threads
-            config = {"run": run, "backbone": args.preset, "image_pixels": args.image_pixels, **overrides}
+            # The photos (28x28) are upscaled to the whole budget, so a larger --image-pixels means more patches.
+            config = {"run": run, "backbone": args.preset, "image_pixels": args.image_pixels,
+                      "min_image_pixels": args.image_pixels, **overrides}
             summary = train("moon3", config, settings=settings)
             rate, flops = _steady_rates(Path(summary["run_dir"]) / "metrics.jsonl", args.batch)
             if name not in best or rate > best[name]["samples_per_s"]:

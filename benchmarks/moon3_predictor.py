@@ -20,9 +20,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by device-name fragment.
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
-
 
 @dataclass
 class BenchRow:
@@ -59,15 +56,6 @@ def load_products(snapshot: str | None, count: int) -> list:
     rows = products_from_arrow(pq.read_table(snapshot))
     # Interleave sources (photos and Fashion-MNIST items) and repeat to reach the count.
     return [rows[(i * 7) % len(rows)] for i in range(count)]
-
-
-def _peak_tflops(device: str) -> float | None:
-    import torch
-
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in name), None)
 
 
 def bench_one(preset: str, reasoning: bool, products: list, device: str, token_budget: int | None,
@@ -107,7 +95,9 @@ def bench_one(preset: str, reasoning: bool, products: list, device: str, token_b
         preprocess_share=pre / elapsed,
         forward_share=fwd / elapsed,
     )
-    peak = _peak_tflops(device)
+    from training.throughput import datasheet_peak
+
+    peak = datasheet_peak(torch.device(device), torch.bfloat16)  # None off a GPU of the datasheet table
     if peak is not None:
         # FlopCounterMode has no formula for grouped-query SDPA: count an eager-attention pass, which
         # performs the same matrix products, then go back to SDPA.
@@ -118,7 +108,7 @@ def bench_one(preset: str, reasoning: bool, products: list, device: str, token_b
             predict(products)
         backbone.set_attn_implementation({"text_config": "sdpa"})
         row.tflops_achieved = counter.get_total_flops() / fwd / 1e12
-        row.peak_fraction = row.tflops_achieved / peak
+        row.peak_fraction = row.tflops_achieved * 1e12 / peak
     del predict
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -29,6 +29,7 @@ DATASHEET_PEAK_FLOPS: tuple[tuple[str, dict[torch.dtype, float]], ...] = (
     ("H100", {torch.bfloat16: 989.4e12, torch.float32: 66.9e12}),  # SXM
     ("H200", {torch.bfloat16: 989.4e12, torch.float32: 66.9e12}),
     ("A100", {torch.bfloat16: 312e12, torch.float32: 19.5e12}),
+    ("A10", {torch.bfloat16: 125e12, torch.float32: 31.2e12}),
     ("L4", {torch.bfloat16: 121e12, torch.float32: 30.3e12}),
 )
 

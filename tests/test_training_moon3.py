@@ -23,6 +23,7 @@ from training.engine import free_port
 from training.evaluate import evaluate
 from training.launch import load_config, run_dir_for, train
 from training.losses import group_advantages, grpo_loss, info_nce
+from training.moon3_eval import category_agreement
 from training.moon3_trainer import plan_step
 from training.promote import promote
 from tests.ragged_ranks_worker import launch, sharded_zero3
@@ -419,6 +420,26 @@ def test_a_launch_past_its_timeout_stops_every_rank_and_shows_the_log(settings):
     assert _processes_naming(str(run_dir / "config.json")) == []
 
 
+def test_category_agreement_counts_generated_categories_that_name_the_catalog_one():
+    generated = [{"category": "Dress"}, {"category": " t-shirt/top "}, {"color": "red"}, {"category": "Coat"}]
+    assert category_agreement(generated, ["dress", "T-shirt/top", "Bag", "Shirt"]) == 0.5
+    assert category_agreement([], []) == 0.0
+    with pytest.raises(ValueError, match="2 generated attribute sets for 1 products"):
+        category_agreement([{}, {}], ["Bag"])
+
+
+def test_evaluation_with_reasoning_on_reports_the_generated_categories(settings, trained):
+    checkpoint = trained["checkpoint_dir"]
+    off = evaluate("moon3", checkpoint, baseline=None, settings=settings, record=False, gallery_limit=60, reasoning=False)
+    on = evaluate("moon3", checkpoint, baseline=None, settings=settings, record=False, gallery_limit=60, reasoning=True)
+    assert off["candidate"]["metrics"]["reasoning_on"] == 0.0
+    assert "reasoning_category_accuracy" not in off["candidate"]["metrics"]
+    metrics = on["candidate"]["metrics"]
+    assert metrics["reasoning_on"] == 1.0 and 0.0 <= metrics["reasoning_category_accuracy"] <= 1.0
+    assert on["options"]["reasoning"] is True and metrics["eval_products"] == 40
+    assert 0.0 <= metrics["knn_accuracy"] <= 1.0
+
+
 def test_evaluation_and_the_gate_refuses_a_worse_model(settings, trained, tmp_path):
     good = trained["checkpoint_dir"]  # the resume test may have trained it further: read its version
     good_version = read_manifest(good)["model_version"]
@@ -446,6 +467,14 @@ def test_evaluation_and_the_gate_refuses_a_worse_model(settings, trained, tmp_pa
     report = evaluate("moon3", str(worse_dir), settings=settings, gallery_limit=120)
     assert report["baseline_version"] == good_version
     assert report["candidate"]["metrics"]["knn_accuracy"] < report["baseline"]["metrics"]["knn_accuracy"]
+    # A later look at the same version, unrecorded and without a baseline, writes a report of its
+    # own: the recorded one, which the gate reads, is left as it was.
+    recorded = open(report["report_uri"]).read()
+    look = evaluate("moon3", str(worse_dir), baseline=None, settings=settings, gallery_limit=120, record=False)
+    assert look["report_uri"] != report["report_uri"] and open(report["report_uri"]).read() == recorded
+    assert registry.rows(settings, "moon3") and {
+        r["eval_report_uri"] for r in registry.rows(settings, "moon3") if r["model_version"] == worse_version
+    } == {report["report_uri"]}
     decision = promote("moon3", worse_version, settings=settings)
     assert decision["promoted"] is False and "margin" in decision["reason"]
     rows = {r["model_version"]: r for r in registry.rows(settings, "moon3")}

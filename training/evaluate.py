@@ -3,9 +3,12 @@
     evaluate("moon3", candidate="var/models/moon3/runs/r1/model")
 
 Both models are measured in the same call on the same data, so promotion compares like with like.
-The report (``<reports_dir>/evaluation/<model>/<candidate version>/report.json`` and
+The report (``<reports_dir>/evaluation/<model>/<candidate version>/<UTC time>/report.json`` and
 ``metrics.png``) holds both sets of metrics and the baseline's version; the candidate's metrics
 and the report's location are recorded in ``model_registry`` (status ``candidate`` for a new version).
+Each evaluation gets its own folder and no report is ever rewritten: the one the registry points
+to, which promotion reads, stays what was recorded when another evaluation (``record=False``,
+other options) of the same version follows.
 Model kinds plug in through ``EVALUATORS``: a function (candidate dir, baseline dir or None,
 settings, options) -> {"candidate": {...}, "baseline": {...} or None, "headline": [metric names]}.
 """
@@ -29,9 +32,11 @@ def _evaluate_moon3(candidate: str, baseline: str | None, settings: Settings, op
 
     threads = options.pop("threads", None)
     k = options.pop("k", 10)
+    reasoning = options.pop("reasoning", None)  # None: each model's own setting, as the embed job runs it
     eval_set = load_eval_set(settings, **options)
-    result = {"candidate": evaluate_checkpoint(candidate, eval_set, k=k, threads=threads)}
-    result["baseline"] = evaluate_checkpoint(baseline, eval_set, k=k, threads=threads) if baseline else None
+    result = {"candidate": evaluate_checkpoint(candidate, eval_set, k=k, threads=threads, reasoning=reasoning)}
+    result["baseline"] = (evaluate_checkpoint(baseline, eval_set, k=k, threads=threads, reasoning=reasoning)
+                          if baseline else None)
     result["reference"] = {"raw_pixel_knn_accuracy": raw_pixel_knn(eval_set, k)}
     result["headline"] = ["knn_accuracy", "p2p_recall@1", "p2p_recall@5", "p2p_recall@10", "p2p_map@100",
                           "q2p_recall@1", "q2p_recall@5", "q2p_recall@10", "q2p_map@100"]
@@ -53,6 +58,19 @@ def _manifest(model_kind: str, directory: str) -> dict[str, Any]:
     else:
         from model.creative4u_checkpoint import verify_checkpoint
     return verify_checkpoint(directory)
+
+
+def _new_report_folder(version_folder: Path, evaluated_at: datetime) -> Path:
+    """A folder of its own for one evaluation, named by its UTC time (sorted = chronological)."""
+    stamp = evaluated_at.strftime("%Y%m%dT%H%M%S.%fZ")
+    folder, taken = version_folder / stamp, 0
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # another process, the same microsecond
+            taken += 1
+            folder = version_folder / f"{stamp}-{taken}"
 
 
 def evaluate(
@@ -82,15 +100,15 @@ def evaluate(
         baseline = baseline_version = None  # the candidate is production already: nothing to compare
     LOG.info("evaluating %s %s against %s", model_kind, version, baseline_version or "no baseline")
     result = EVALUATORS[model_kind](candidate, baseline, settings, dict(options))
-    folder = local_path(settings.reports_dir) / "evaluation" / model_kind / version
-    folder.mkdir(parents=True, exist_ok=True)
+    evaluated_at = datetime.now(timezone.utc)
+    folder = _new_report_folder(local_path(settings.reports_dir) / "evaluation" / model_kind / version, evaluated_at)
     report = {
         "model_kind": model_kind,
         "candidate_version": version,
         "candidate_dir": str(candidate),
         "baseline_version": baseline_version,
         "baseline_dir": str(baseline) if baseline else None,
-        "evaluated_at": datetime.now(timezone.utc).isoformat(),
+        "evaluated_at": evaluated_at.isoformat(),
         "options": {k: v for k, v in options.items()},
         **result,
     }

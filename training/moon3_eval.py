@@ -9,6 +9,10 @@
   (as many as there are held-out products, each against the rest of the gallery, itself left
   out). Far above the held-out figure, the model has learned its training images rather than
   their categories (docs/training.md: what closed that gap on Fashion-MNIST, and what it cost).
+* With reasoning on (the model's own setting, or ``reasoning`` overriding it for both models), each
+  product is embedded after the reasoning the model writes from its image, and the share of
+  held-out products whose generated ``category`` is their catalog category is reported
+  (``reasoning_category_accuracy``): how far search teams can filter on the generated attributes.
 * The raw-pixel kNN baseline (images resized to 28x28 grayscale, Euclidean) on the same split and
   gallery, so the model's accuracy has a reference measured on the same data.
 """
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from moonpipe.settings import Settings
+from model.moon3_predictor import Predictions
 from training.moon3_data import ProductRecord, latest_export_date, load_products
 from training.retrieval_metrics import knn_accuracy, recall_and_map, top_k
 
@@ -84,17 +89,19 @@ def _category_in(query: str, category: str) -> bool:
     return category.lower().replace("/", " ") in query.lower()
 
 
-def embed_products(checkpoint: str, records: list[ProductRecord], threads: int | None = None) -> np.ndarray:
-    """Image-only embeddings through the batch predictor the embed job uses."""
+def embed_products(checkpoint: str, records: list[ProductRecord], threads: int | None = None,
+                   reasoning: bool | None = None) -> Predictions:
+    """Image-only embeddings (and, with reasoning, the generated attributes) through the batch
+    predictor the embed job uses; ``reasoning`` None: the model's own setting."""
     from model.moon3_predictor import make_predict_fn
 
-    predict = make_predict_fn(checkpoint, threads=threads, device="cpu" if threads else None)
+    predict = make_predict_fn(checkpoint, threads=threads, device="cpu" if threads else None, reasoning=reasoning)
     result = predict([r.view(with_text=False) for r in records])
     if not result.ok.all():
         bad = [records[i].product_id for i in np.flatnonzero(~result.ok)[:5]]
         raise ValueError(f"the model could not embed {int((~result.ok).sum())} evaluation products (e.g. {bad}): "
                          f"{[e for e in result.errors if e][:1]}")
-    return result.vectors
+    return result
 
 
 def embed_queries(checkpoint: str, queries: list[str], batch: int = 128) -> np.ndarray:
@@ -113,10 +120,12 @@ def embed_queries(checkpoint: str, queries: list[str], batch: int = 128) -> np.n
     return np.concatenate(vectors) if vectors else np.zeros((0, model.config.embedding_dim), np.float32)
 
 
-def evaluate_checkpoint(checkpoint: str, eval_set: EvalSet, *, k: int = 10, threads: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str, eval_set: EvalSet, *, k: int = 10, threads: int | None = None,
+                        reasoning: bool | None = None) -> dict[str, Any]:
     """Metrics of one checkpoint on ``eval_set`` (all floats, JSON-able)."""
-    held = embed_products(checkpoint, eval_set.queries, threads)
-    gallery = embed_products(checkpoint, eval_set.gallery, threads)
+    held_predictions = embed_products(checkpoint, eval_set.queries, threads, reasoning)
+    held = held_predictions.vectors
+    gallery = embed_products(checkpoint, eval_set.gallery, threads, reasoning).vectors
     held_labels, gallery_labels = eval_set.labels(eval_set.queries), eval_set.labels(eval_set.gallery)
     indexes, scores = top_k(held, gallery, max(MAP_DEPTH, k))
     hits = gallery_labels[indexes] == held_labels[:, None]
@@ -141,10 +150,26 @@ def evaluate_checkpoint(checkpoint: str, eval_set: EvalSet, *, k: int = 10, thre
         q_hits = np.take_along_axis(relevant_of_product, held_labels[q_indexes], axis=1)
         q_counts = (relevant_of_product[:, held_labels]).sum(axis=1)
         metrics.update({f"q2p_{name}": value for name, value in recall_and_map(q_hits, q_counts, KS).items()})
+    reasoned = any(text is not None for text in held_predictions.reasoning)
+    metrics["reasoning_on"] = float(reasoned)
+    if reasoned:
+        metrics["reasoning_category_accuracy"] = category_agreement(
+            held_predictions.attributes, [eval_set.categories[label] for label in held_labels])
     metrics["eval_products"] = float(len(eval_set.queries))
     metrics["gallery_products"] = float(len(eval_set.gallery))
     metrics["search_queries"] = float(len(usable))
     return {"metrics": metrics, "knn_accuracy_by_category": per_category}
+
+
+def category_agreement(generated: list[dict[str, str]], categories: list[str]) -> float:
+    """Share of products whose generated ``category`` attribute names their catalog category
+    (case and surrounding spaces aside); a product whose reasoning names none counts as wrong."""
+    if len(generated) != len(categories):
+        raise ValueError(f"{len(generated)} generated attribute sets for {len(categories)} products")
+    if not categories:
+        return 0.0
+    said = [attributes.get("category", "").strip().lower() for attributes in generated]
+    return float(np.mean([s == c.strip().lower() for s, c in zip(said, categories)]))
 
 
 def _knn_correct(labels: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -50,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from training.evaluate import evaluate
 
-    options = {"gallery_limit": args.gallery_limit, "query_limit": args.query_limit, "threads": args.threads}
+    options = {"gallery_limit": args.gallery_limit, "query_limit": args.query_limit, "threads": args.threads,
+               "reasoning": None if args.reasoning is None else args.reasoning == "on"}
     if KINDS.get(args.kind, args.kind) == "creative4u":
         options = {"limit": args.query_limit, "decoding": args.decoding, "heldout_fraction": args.heldout_fraction}
     report = evaluate(KINDS.get(args.kind, args.kind), args.candidate,
@@ -110,6 +111,9 @@ def register(add) -> None:
     evaluate.add_argument("--gallery-limit", type=int, default=None, help="training products in the kNN gallery (10000)")
     evaluate.add_argument("--query-limit", type=int, default=None, help="held-out products (moon3) or pairs (creative4u) evaluated (all)")
     evaluate.add_argument("--threads", type=int, default=None)
+    evaluate.add_argument("--reasoning", choices=("on", "off"), default=None,
+                          help="moon3: embed after the model's generated reasoning, or not, for candidate and baseline "
+                               "alike (default: each model's own setting, as the embed job runs it)")
     evaluate.add_argument("--decoding", choices=("free", "guided"), default=None,
                           help="creative4u: free (the model's own format) or guided decoding (default: the model's config)")
     evaluate.add_argument("--heldout-fraction", type=float, default=None,

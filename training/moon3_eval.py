@@ -20,16 +20,20 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moonpipe.settings import Settings
-from model.moon3_predictor import Predictions
 from training.moon3_data import ProductRecord, latest_export_date, load_products
 from training.retrieval_metrics import knn_accuracy, recall_and_map, top_k
+
+if TYPE_CHECKING:
+    from model.moon3_predictor import Predictions
+    from model.moon3_processing import ProductInput
 
 LOG = logging.getLogger("moonpipe.training.moon3_eval")
 KS = (1, 5, 10)
@@ -89,13 +93,9 @@ def _category_in(query: str, category: str) -> bool:
     return category.lower().replace("/", " ") in query.lower()
 
 
-def embed_products(checkpoint: str, records: list[ProductRecord], threads: int | None = None,
-                   reasoning: bool | None = None) -> Predictions:
-    """Image-only embeddings (and, with reasoning, the generated attributes) through the batch
-    predictor the embed job uses; ``reasoning`` None: the model's own setting."""
-    from model.moon3_predictor import make_predict_fn
-
-    predict = make_predict_fn(checkpoint, threads=threads, device="cpu" if threads else None, reasoning=reasoning)
+def embed_products(predict: Callable[[list[ProductInput]], Predictions], records: list[ProductRecord]) -> Predictions:
+    """Image-only embeddings (and, with reasoning, the generated attributes) through ``predict``,
+    the batch predictor the embed job uses."""
     result = predict([r.view(with_text=False) for r in records])
     if not result.ok.all():
         bad = [records[i].product_id for i in np.flatnonzero(~result.ok)[:5]]
@@ -122,10 +122,14 @@ def embed_queries(checkpoint: str, queries: list[str], batch: int = 128) -> np.n
 
 def evaluate_checkpoint(checkpoint: str, eval_set: EvalSet, *, k: int = 10, threads: int | None = None,
                         reasoning: bool | None = None) -> dict[str, Any]:
-    """Metrics of one checkpoint on ``eval_set`` (all floats, JSON-able)."""
-    held_predictions = embed_products(checkpoint, eval_set.queries, threads, reasoning)
+    """Metrics of one checkpoint on ``eval_set`` (all floats, JSON-able); ``reasoning`` None: the
+    model's own setting."""
+    from model.moon3_predictor import make_predict_fn
+
+    predict = make_predict_fn(checkpoint, threads=threads, device="cpu" if threads else None, reasoning=reasoning)
+    held_predictions = embed_products(predict, eval_set.queries)
     held = held_predictions.vectors
-    gallery = embed_products(checkpoint, eval_set.gallery, threads, reasoning).vectors
+    gallery = embed_products(predict, eval_set.gallery).vectors
     held_labels, gallery_labels = eval_set.labels(eval_set.queries), eval_set.labels(eval_set.gallery)
     indexes, scores = top_k(held, gallery, max(MAP_DEPTH, k))
     hits = gallery_labels[indexes] == held_labels[:, None]

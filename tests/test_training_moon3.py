@@ -362,9 +362,9 @@ def test_two_ranks_on_cpu_with_gloo(settings):
     try:
         summary = train("moon3", _config("two-ranks", run=run), nproc=2, settings=settings, timeout_s=120)
     except TimeoutError:
-        # An open bug: in the full suite this launch has hung before its first step (not reproduced
-        # in 19 launches outside it; docs/training.md). The hung ranks' stacks go into the warning; a
-        # second launch must then complete.
+        # A guard kept from a fixed bug (a late rank skipped the reference save's barrier;
+        # docs/training.md): should a launch hang again, the ranks' stacks go into the warning and a
+        # second launch must complete.
         log = (run_dir_for("moon3", "two-ranks", settings) / "launch.log").read_text(errors="replace")
         stacks = [line for line in log.splitlines() if line.lstrip().startswith(("File ", "Thread ", "Current thread"))]
         warnings.warn("2-rank launch hung; rank stacks:\n" + "\n".join(stacks[:80]), stacklevel=1)

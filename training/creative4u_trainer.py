@@ -212,10 +212,7 @@ def run(config: Creative4UTrainConfig, settings: Settings, run_dir: Path) -> dic
         if config.grpo_weight > 0 and config.grpo_kl_weight > 0:
             objective.set_reference(load_checkpoint(reference_dir, dtype=dtype).to(device).eval().requires_grad_(False))
 
-    # Past the warm-up only: at the warm-up's last step every rank saves (rank 0 writes) and loads it in
-    # the loop below. With >=, a rank starting late saw the directory rank 0 had just written, skipped
-    # the save's barrier and waited in its first all-reduce while rank 0 waited in the barrier.
-    if state.step > config.sft_steps and reference_dir.exists():
+    if ds.reference_saved_before(state.step, config.sft_steps, reference_dir):
         load_reference()
     history: list[dict[str, Any]] = []
     stopped_by = "max_steps"

@@ -101,6 +101,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def reference_saved_before(step: int, warmup_steps: int, reference_dir: Path) -> bool:
+    """Whether a run starting (or resuming) at ``step`` loads its GRPO reference from disk. Only past
+    the warm-up: at the warm-up's last step every rank saves it (rank 0 writes, then a barrier) and
+    loads it in the training loop. Loading whatever is on disk at that step let a rank starting late
+    see the directory rank 0 had just written, skip the save's barrier and wait in its first
+    all-reduce while rank 0 waited in the barrier."""
+    return step > warmup_steps and reference_dir.exists()
+
+
 def start_rank(run: RunConfig) -> tuple[torch.device, int, int]:
     """This process's part of a run: threads, the process group, its device, a per-rank seed.
     Returns (device, rank, world size)."""

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,8 @@ from training.moon3_data import ProductRecord, latest_export_date, load_products
 from training.retrieval_metrics import knn_accuracy, recall_and_map, top_k
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from model.moon3_predictor import Predictions
     from model.moon3_processing import ProductInput
 

@@ -417,10 +417,7 @@ def run(config: Moon3TrainConfig, settings: Settings, run_dir: Path) -> dict[str
         if config.grpo_weight > 0 and config.grpo_kl_weight > 0:
             module.set_reference(load_checkpoint(reference_dir, dtype=dtype).to(device).eval().requires_grad_(False))
 
-    # Past the warm-up only: at the warm-up's last step every rank saves (rank 0 writes) and loads it in
-    # the loop below. With >=, a rank starting late saw the directory rank 0 had just written, skipped
-    # the save's barrier and waited in its first all-reduce while rank 0 waited in the barrier.
-    if state.step > config.sft_warmup_steps and reference_dir.exists():
+    if ds.reference_saved_before(state.step, config.sft_warmup_steps, reference_dir):
         load_reference()
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict[str, Any]] = []
